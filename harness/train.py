@@ -1,0 +1,304 @@
+"""The SFT loop: one readable function from config to a trained, saved model.
+
+    tokenizer + data  ->  model (+ mitigations' wrap_model)  ->  optimizer + schedule  ->  resume?
+    for each optimizer step:  micro-batches -> summed response loss / step's target tokens (+ penalties)
+                              -> backward -> clip -> AdamW -> LR schedule -> log / checkpoint
+    -> final checkpoint + summary (+ mitigations' reports)
+
+Runs on `accelerate`: `torchrun` / `accelerate launch` give DDP with the same global batch (each process
+takes a share of every step; the loss is normalised by the step's global token count, so the gradient
+equals the one-process gradient). Mitigations plug in through the hooks in `mitigations/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import checkpoint as ckpt
+from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
+from harness.config import TrainJob
+from harness.configlib import to_dict
+from harness.data import DataStats, load_conversations, tokenize_all
+from harness.errors import RunError, UserError
+from harness.formats import Example, attach_format
+from harness.io import atomic_write_text, atomic_write_yaml
+from harness.loss import mean_response_loss, summed_response_loss
+from harness.models import load_model, load_tokenizer
+from mitigations import build_mitigations, hook_results
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What hooks may read about the run (they return values; they do not change it)."""
+
+    job: TrainJob
+    tokenizer: Any
+    accelerator: Any
+    examples: tuple[Example, ...]  # the tokenized SFT data, before any mixing
+    output_dir: Path
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    data: DataStats
+    last_loss: float | None
+    tokens_per_second: float | None
+    padding_fraction: float
+    heldout_loss: dict | None  # response loss on the held-out split before and after training
+    mitigation_reports: dict
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float) -> float:
+    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio, or constant."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms, biases and other vectors are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_accelerator(job: TrainJob):
+    from accelerate import Accelerator
+
+    precision = job.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
+
+
+def loss_step(model, batch: dict[str, torch.Tensor], scale: float, penalties: list) -> torch.Tensor:
+    """One micro-batch's contribution to the step loss: summed response CE x scale, plus any penalties."""
+    loss = summed_response_loss(model, batch) * scale
+    return loss + sum(penalties) if penalties else loss
+
+
+def accumulate_gradients(model, accelerator, examples: list[Example], micro_batch_tokens: int, pad_id: int,
+                         scale: float, penalties) -> tuple[torch.Tensor, int, int]:
+    """Forward and backward every micro-batch of `examples` (this process's share of one optimizer step).
+
+    Gradients are synchronised across processes only on the last micro-batch, which also carries the
+    mitigations' penalty terms (`penalties()` is called once per step). Returns (the step's response loss
+    on this process, padded tokens, real tokens).
+    """
+    groups = micro_batches(list(range(len(examples))), [len(e) for e in examples], micro_batch_tokens)
+    step_loss = torch.zeros((), device=accelerator.device)
+    padded = real = 0
+    for i, group in enumerate(groups):
+        last = i == len(groups) - 1
+        batch = collate([examples[j] for j in group], pad_id)
+        padded += batch["input_ids"].numel()
+        real += sum(len(examples[j]) for j in group)
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            terms = penalties() if last else []
+            loss = loss_step(model, batch, scale, terms)
+            accelerator.backward(loss)
+        step_loss += (loss - sum(terms)).detach() if terms else loss.detach()
+    return step_loss, padded, real
+
+
+def prepare_output_dir(job: TrainJob, output_dir: Path, is_main: bool) -> bool:
+    """Refuse to mix runs; return True when `output_dir` already holds the finished run."""
+    config_path = output_dir / ckpt.CONFIG_NAME
+    resolved = to_dict(job)
+    resolved["train"].pop("progress")
+    if config_path.is_file():
+        import yaml
+
+        saved = yaml.safe_load(config_path.read_text())
+        saved.get("train", {}).pop("progress", None)
+        if saved != resolved:
+            raise UserError(f"{output_dir}: holds a run with a different config; resume with the same config "
+                            f"or choose another output_dir")
+        return (output_dir / "final" / "trainer_state.json").is_file()
+    if output_dir.exists() and any(p for p in output_dir.iterdir() if not p.name.startswith(".tmp-")):
+        raise UserError(f"{output_dir}: exists and is not a run directory of this tool; choose another output_dir")
+    if is_main:
+        atomic_write_yaml(config_path, to_dict(job))
+    return False
+
+
+def train(job: TrainJob, accelerator=None) -> TrainResult:
+    """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible."""
+    from accelerate.utils import set_seed
+
+    accelerator = accelerator or make_accelerator(job)
+    output_dir = Path(job.output_dir)
+    is_main = accelerator.is_main_process
+    finished = prepare_output_dir(job, output_dir, is_main)
+    accelerator.wait_for_everyone()
+    if finished:
+        if is_main:
+            print(f"{output_dir} already holds the finished run; nothing to train", flush=True)
+        summary = json.loads((output_dir / "final" / "trainer_state.json").read_text())
+        summary["data"] = DataStats(**summary["data"])
+        summary["final_dir"] = output_dir / "final"
+        return TrainResult(**summary)
+    set_seed(job.train.seed)
+
+    # ---- data: records -> conversations -> tokens with response-only labels
+    tokenizer = load_tokenizer(job.model)
+    attach_format(tokenizer, job.data.format)
+    examples, data_stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
+    heldout_config = job.data.heldout()
+    heldout = tokenize_all(load_conversations(heldout_config), tokenizer, heldout_config)[0] if heldout_config else None
+    if is_main:
+        print(f"data: {data_stats.examples} examples ({data_stats.truncated} truncated, "
+              f"{data_stats.dropped_truncated} dropped: response cut away by max_seq_len={job.data.max_seq_len}); "
+              f"{data_stats.target_tokens} of {data_stats.tokens} tokens are response tokens", flush=True)
+
+    # ---- model and mitigations
+    model = load_model(job.model, for_training=True, vocab_size=len(tokenizer), seed=job.train.seed)
+    model.config.use_cache = False
+    if job.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mitigations = build_mitigations(job.mitigations)
+    ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), output_dir)
+    for mitigation in mitigations:
+        if hasattr(mitigation, "wrap_model"):
+            model = mitigation.wrap_model(model, ctx)
+    model.to(accelerator.device)
+    for mitigation in mitigations:
+        if hasattr(mitigation, "mix_data"):
+            examples = list(mitigation.mix_data(examples, ctx))
+    hook_results(mitigations, "prepare", model, ctx)
+
+    # ---- optimizer, schedule, the whole step plan
+    if accelerator.num_processes > job.train.batch_size:
+        raise UserError(f"train.batch_size={job.train.batch_size} is smaller than the {accelerator.num_processes} processes")
+    groups = next(iter(hook_results(mitigations, "param_groups", model, ctx)), None)
+    groups = groups or default_param_groups(model, job.train.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=job.train.lr, betas=tuple(job.train.adam_betas), eps=job.train.adam_eps,
+                                  foreach=True)
+    steps = plan_steps(len(examples), job.train.batch_size, job.train.epochs, job.train.max_steps, job.train.seed)
+    t = job.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, len(steps), t.warmup_ratio, t.schedule, t.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    accelerator.register_for_checkpointing(scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- resume from the newest complete checkpoint
+    start = 0
+    if resumable := ckpt.checkpoint_dirs(output_dir):
+        start, path = resumable[-1]
+        accelerator.load_state(str(path / "state"))
+        if is_main:
+            print(f"resuming from {path} (step {start} of {len(steps)})", flush=True)
+    metrics_path = output_dir / "metrics.jsonl"
+    if is_main:
+        keep = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(line)["step"] <= start]
+        if heldout is not None and start == 0:
+            keep = [json.dumps({"step": 0, "heldout_loss": heldout_loss(accelerator, model, heldout, tokenizer, t)})]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
+
+    # ---- the loop
+    lengths = [len(e) for e in examples]
+    pad_id = tokenizer.pad_token_id
+    progress = _progress_bar(job, is_main, start, len(steps))
+    padded_total = real_total = 0
+    last_loss = tokens_per_second = None
+    for step in range(start, len(steps)):
+        started = time.perf_counter()
+        step_examples = [examples[i] for i in steps[step]]
+        scale = accelerator.num_processes / max(1, target_tokens(step_examples))  # DDP averages over processes
+        share = rank_share(steps[step], lengths, accelerator.process_index, accelerator.num_processes)
+        step_loss, padded, real = accumulate_gradients(
+            model, accelerator, [examples[j] for j in share], t.micro_batch_tokens, pad_id, scale,
+            lambda: hook_results(mitigations, "penalty", model, ctx))
+        padded_total += padded
+        real_total += real
+        grad_norm = accelerator.clip_grad_norm_(trainable, t.grad_clip or math.inf)
+        step_loss = accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes
+        last_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
+        if not (math.isfinite(last_loss) and math.isfinite(norm)):
+            raise RunError(f"non-finite loss ({last_loss}) or gradient norm ({norm}) at step {step + 1}; not applied; "
+                           f"the last good checkpoint is kept in {output_dir}; lower train.lr or check the data")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- log, show progress, checkpoint
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(e) for e in step_examples)
+        tokens_per_second = tokens / elapsed
+        if is_main and ((step + 1) % t.log_every == 0 or step + 1 == len(steps)):
+            record = {"step": step + 1, "loss": last_loss, "lr": lr,
+                      "grad_norm": norm, "tokens": tokens,
+                      "target_tokens": target_tokens(step_examples), "tokens_per_s": tokens_per_second,
+                      "padding_fraction": 1 - real_total / max(1, padded_total), "seconds": elapsed}
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        progress.update(1)
+        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
+                             tok_s=f"{tokens_per_second:.0f}")
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
+            ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, f"checkpoint-{step + 1:06d}",
+                                 with_state=True, extra={"step": step + 1})
+            if is_main:
+                ckpt.prune_checkpoints(output_dir, max(1, t.keep_checkpoints))
+    progress.close()
+
+    # ---- finish: reports, final checkpoint, summary
+    padded_total, real_total = accelerator.reduce(torch.tensor([padded_total, real_total], device=accelerator.device),
+                                                  reduction="sum").tolist()
+    reports = {m.name: r for m, r in zip([m for m in mitigations if hasattr(m, "report")],
+                                          hook_results(mitigations, "report", model, ctx))}
+    heldout_losses = None
+    if heldout is not None and is_main:
+        before = json.loads(metrics_path.read_text().splitlines()[0])["heldout_loss"]
+        heldout_losses = {"before": before, "after": heldout_loss(accelerator, model, heldout, tokenizer, t),
+                          "examples": len(heldout), "split": heldout_config.split}
+    result = TrainResult(final_dir=output_dir / "final", steps=len(steps), data=data_stats, last_loss=last_loss,
+                         tokens_per_second=tokens_per_second, padding_fraction=1 - real_total / max(1, padded_total),
+                         heldout_loss=heldout_losses, mitigation_reports=reports)
+    summary = {k: v for k, v in asdict(result).items() if k != "final_dir"}
+    ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, "final", with_state=False, extra=summary)
+    if is_main:
+        ckpt.prune_checkpoints(output_dir, t.keep_checkpoints)
+    return result
+
+
+def heldout_loss(accelerator, model, examples: list[Example], tokenizer, t) -> float:
+    """Mean response loss on held-out examples (main process, unwrapped model, eval mode)."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    with accelerator.autocast():
+        value = mean_response_loss(unwrapped, examples, tokenizer.pad_token_id, t.micro_batch_tokens)
+    unwrapped.train()
+    return value
+
+
+def _progress_bar(job: TrainJob, is_main: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not (is_main and job.train.progress), desc="train",
+                unit="step", dynamic_ncols=True)

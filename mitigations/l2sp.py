@@ -1,0 +1,38 @@
+"""l2sp: an L2 pull toward the starting weights, (strength / 2) * sum_i (theta_i - theta0_i)^2 (EWC with F = 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.configlib import knob
+from mitigations import register_mitigation
+
+
+@dataclass
+class L2SPConfig:
+    strength: float = knob(0.01, "lambda: weight of the squared distance to the starting weights")
+
+    def __post_init__(self):
+        if not self.strength >= 0:
+            raise ValueError(f"strength: must be >= 0, got {self.strength}")
+
+
+@register_mitigation("l2sp", L2SPConfig)
+class L2SP:
+    def __init__(self, config: L2SPConfig):
+        self.config = config
+        self.anchor: list[torch.Tensor] = []
+
+    def prepare(self, model, ctx) -> None:
+        self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def penalty(self, model, ctx) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.requires_grad]
+        squared = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, self.anchor)]).sum()
+        return 0.5 * self.config.strength * squared
+
+    def report(self, model, ctx) -> dict:
+        with torch.no_grad():
+            return {"strength": self.config.strength, "final_penalty": float(self.penalty(model, ctx))}

@@ -1,0 +1,1 @@
+"""reports: forgetting and instruction-following reports (not built yet: see the experiments issue)."""

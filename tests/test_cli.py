@@ -1,0 +1,61 @@
+"""The command line: help on every command, one-line errors with exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["config"], ["data"]])
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: forgetting" in capsys.readouterr().out
+
+
+def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "job.yaml").write_text("train:\n  lr: fast\n")
+    result = run_cli("train", str(tmp_path / "job.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'job.yaml'}: train.lr: expected a number, got 'fast'"]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_data_exits_2_and_writes_nothing(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "respon\n')
+    out = tmp_path / "out"
+    result = run_cli("train", "model.name_or_path=tiny-random", f"data.path={tmp_path / 'data.jsonl'}",
+                     f"output_dir={out}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'data.jsonl'}:2: malformed JSON")
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not any(p.name.startswith("checkpoint") or p.name == "final" for p in out.iterdir())
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "config", "train.lr=fast")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_config_prints_resolved_yaml_and_reference():
+    result = run_cli("config", "train.lr=3e-5")
+    assert result.returncode == 0 and "lr: 3.0e-05" in result.stdout
+    reference = run_cli("config", "--reference")
+    assert "| `train.micro_batch_tokens` |" in reference.stdout
+
+
+def test_data_command_shows_the_mask():
+    result = run_cli("data", "data.limit=3", "data.format=chatml")
+    assert result.returncode == 0, result.stderr
+    assert "records 3, examples 3" in result.stdout and "[<|im_end|>]" in result.stdout

@@ -1,0 +1,72 @@
+"""Config: YAML + key=value overrides into validated dataclasses, with one-line errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.config import TrainJob, load_job
+from harness.configlib import apply_overrides, describe
+from harness.errors import UserError
+
+
+def write(tmp_path, text, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_resolve_with_types(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1e-5\n  epochs: 3\ndata:\n  format: alpaca\n")
+    job = load_job(str(path), ["train.batch_size=16", "data.max_seq_len=512", "model.dtype=bfloat16"])
+    assert job.train.lr == 1e-5 and isinstance(job.train.epochs, float) and job.train.epochs == 3.0
+    assert job.train.batch_size == 16 and job.data.max_seq_len == 512 and job.data.format == "alpaca"
+    assert job.model.dtype == "bfloat16" and job.train.warmup_ratio == 0.03  # untouched default
+
+
+def test_defaults_follow_the_seed_recipe():
+    job = TrainJob()
+    assert job.train.lr == 2e-5 and job.train.schedule == "cosine" and job.train.warmup_ratio == 0.03
+    assert job.train.batch_size == 128 and 1 <= job.train.epochs <= 3
+
+
+def test_every_knob_has_help():
+    rows = describe(TrainJob)
+    assert len(rows) > 30 and all(help_text for _, _, help_text in rows)
+
+
+def test_overrides_do_not_change_the_input():
+    data = {"train": {"lr": 1.0}}
+    assert apply_overrides(data, ["train.lr=2"]) == {"train": {"lr": 2}} and data == {"train": {"lr": 1.0}}
+
+
+@pytest.mark.parametrize("text,overrides,pattern", [
+    ("train:\n  lr: fast\n", [], r"job\.yaml: train\.lr: expected a number, got 'fast'"),
+    ("train:\n  lrr: 1e-5\n", [], r"job\.yaml: train\.lrr: unknown key; did you mean 'lr'\?"),
+    ("trian:\n  lr: 1e-5\n", [], r"trian: unknown key; did you mean 'train'\?"),
+    ("train:\n  lr: -1\n", [], r"train\.lr: must be > 0, got -1"),
+    ("train:\n  warmup_ratio: 1.5\n", [], r"train\.warmup_ratio: must be in \[0, 1\)"),
+    ("train:\n  batch_size: 2.5\n", [], r"train\.batch_size: expected an integer, got 2\.5"),
+    ("data:\n  format: markdown\n", [], r"data\.format: expected one of chatml, alpaca, plain, chat_template; got 'markdown'"),
+    ("- a\n- b\n", [], r"job\.yaml: expected a mapping at the top level, got list"),
+    ("train: [\n", [], r"job\.yaml:2: invalid YAML"),
+    ("", ["train.lr"], r"override 'train\.lr': expected key=value"),
+    ("", ["train.epochs=many"], r"train\.epochs: expected a number, got 'many'"),
+    ("mitigations:\n  - name: magic\n", [], r"mitigations\[0\]\.name: unknown mitigation 'magic'; valid: freeze, l2sp"),
+    ("mitigations:\n  - name: l2sp\n    strength: -1\n", [], r"mitigations\[0\]: strength: must be >= 0, got -1"),
+    ("mitigations:\n  - name: l2sp\n  - name: l2sp\n", [], r"'l2sp' is listed 2 times"),
+    ("mitigations:\n  - l2sp\n", [], r"mitigations\[0\]: expected a mapping, got 'l2sp'"),
+])
+def test_bad_configs_give_one_line_naming_the_field(tmp_path, text, overrides, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError, match=pattern) as err:
+        load_job(str(path), overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_non_utf8_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_job(str(tmp_path / "missing.yaml"))
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"output_dir: caf\xe9\n")
+    with pytest.raises(UserError, match=r"latin\.yaml: not valid UTF-8"):
+        load_job(str(path))
