@@ -82,6 +82,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = knob("auto", "auto: bf16 autocast on a bf16-capable GPU, fp32 elsewhere")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward (saves memory, costs ~30% time)")
     log_every: int = knob(1, "write a metrics line every N steps")
+    tensorboard: bool = knob(False, "also log metrics to output_dir/tensorboard (needs the tensorboard package)")
     save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = knob(1, "intermediate checkpoints to keep (the final one is always kept)")
     progress: bool = knob(True, "show a progress bar")

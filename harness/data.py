@@ -1,6 +1,7 @@
 """SFT data: read records from files or the hub, map them to conversations, tokenize with response-only labels.
 
-Sources: local JSONL / JSON / CSV / Parquet, a `datasets` hub name (with `data.split`), or `builtin` (the
+Sources: local JSONL / JSON / CSV / Parquet, a `datasets` hub name or local dataset folder (with
+`data.split`), or `builtin` (the
 generated record-extraction task in `harness.builtin_task`). Layouts: Alpaca (`instruction`, `input`,
 `output`), prompt/response, and chat `messages` (multi-turn; loss on every assistant turn). Every problem
 is a one-line `UserError` naming the file and line (or row) and the field.
@@ -118,10 +119,10 @@ def read_rows(config: DataConfig) -> Iterator[tuple[dict, str]]:
             raise UserError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(FILE_TYPES)}")
         reader = {"jsonl": _read_jsonl, "json": _read_json}.get(kind)
         yield from reader(path) if reader else _read_table(path, kind)
-    elif kind is not None or path.is_dir() or config.path.startswith((".", "/", "~")):
-        raise UserError(f"data.path: {path} not found (or not a file)")
+    elif path.is_dir() or (kind is None and not config.path.startswith((".", "/", "~"))):
+        yield from _read_hub(config)  # a local dataset folder, or a hub name
     else:
-        yield from _read_hub(config)
+        raise UserError(f"data.path: {path} not found")
 
 
 def detect_schema(row: dict, config: DataConfig, where: str) -> str:

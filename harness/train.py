@@ -12,6 +12,7 @@ equals the one-process gradient). Mitigations plug in through the hooks in `miti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -79,6 +80,13 @@ def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(groups: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step where torch supports it for this device (CPU, CUDA)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, fused=fused or None,
+                             foreach=None if fused else True)
+
+
 def make_accelerator(job: TrainJob):
     from accelerate import Accelerator
 
@@ -122,24 +130,23 @@ def accumulate_gradients(model, accelerator, examples: list[Example], micro_batc
     return step_loss, padded, real
 
 
-def prepare_output_dir(job: TrainJob, output_dir: Path, is_main: bool) -> bool:
-    """Refuse to mix runs; return True when `output_dir` already holds the finished run."""
+def _comparable(config: dict) -> dict:
+    config = dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
+    return config
+
+
+def check_output_dir(job: TrainJob, output_dir: Path) -> bool:
+    """Refuse to mix runs (read-only); return True when `output_dir` already holds the finished run."""
     config_path = output_dir / ckpt.CONFIG_NAME
-    resolved = to_dict(job)
-    resolved["train"].pop("progress")
     if config_path.is_file():
         import yaml
 
-        saved = yaml.safe_load(config_path.read_text())
-        saved.get("train", {}).pop("progress", None)
-        if saved != resolved:
+        if _comparable(yaml.safe_load(config_path.read_text())) != _comparable(to_dict(job)):
             raise UserError(f"{output_dir}: holds a run with a different config; resume with the same config "
                             f"or choose another output_dir")
         return (output_dir / "final" / "trainer_state.json").is_file()
-    if output_dir.exists() and any(p for p in output_dir.iterdir() if not p.name.startswith(".tmp-")):
+    if output_dir.exists() and any(not p.name.startswith(".") for p in output_dir.iterdir()):
         raise UserError(f"{output_dir}: exists and is not a run directory of this tool; choose another output_dir")
-    if is_main:
-        atomic_write_yaml(config_path, to_dict(job))
     return False
 
 
@@ -147,12 +154,12 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
     """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible."""
     from accelerate.utils import set_seed
 
+    if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     accelerator = accelerator or make_accelerator(job)
     output_dir = Path(job.output_dir)
     is_main = accelerator.is_main_process
-    finished = prepare_output_dir(job, output_dir, is_main)
-    accelerator.wait_for_everyone()
-    if finished:
+    if check_output_dir(job, output_dir):
         if is_main:
             print(f"{output_dir} already holds the finished run; nothing to train", flush=True)
         summary = json.loads((output_dir / "final" / "trainer_state.json").read_text())
@@ -167,6 +174,9 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
     examples, data_stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
     heldout_config = job.data.heldout()
     heldout = tokenize_all(load_conversations(heldout_config), tokenizer, heldout_config)[0] if heldout_config else None
+    accelerator.wait_for_everyone()  # every process has checked output_dir before it is written
+    if is_main and not (output_dir / ckpt.CONFIG_NAME).is_file():
+        atomic_write_yaml(output_dir / ckpt.CONFIG_NAME, to_dict(job))
     if is_main:
         print(f"data: {data_stats.examples} examples ({data_stats.truncated} truncated, "
               f"{data_stats.dropped_truncated} dropped: response cut away by max_seq_len={job.data.max_seq_len}); "
@@ -193,8 +203,7 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
         raise UserError(f"train.batch_size={job.train.batch_size} is smaller than the {accelerator.num_processes} processes")
     groups = next(iter(hook_results(mitigations, "param_groups", model, ctx)), None)
     groups = groups or default_param_groups(model, job.train.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=job.train.lr, betas=tuple(job.train.adam_betas), eps=job.train.adam_eps,
-                                  foreach=True)
+    optimizer = make_optimizer(groups, job.train, accelerator.device)
     steps = plan_steps(len(examples), job.train.batch_size, job.train.epochs, job.train.max_steps, job.train.seed)
     t = job.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -223,6 +232,7 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
     lengths = [len(e) for e in examples]
     pad_id = tokenizer.pad_token_id
     progress = _progress_bar(job, is_main, start, len(steps))
+    board = _tensorboard(output_dir) if is_main and t.tensorboard else None
     padded_total = real_total = 0
     last_loss = tokens_per_second = None
     for step in range(start, len(steps)):
@@ -257,6 +267,9 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
                       "padding_fraction": 1 - real_total / max(1, padded_total), "seconds": elapsed}
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if board is not None and key != "step":
+                    board.add_scalar(f"train/{key}", value, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
                              tok_s=f"{tokens_per_second:.0f}")
@@ -266,6 +279,8 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
             if is_main:
                 ckpt.prune_checkpoints(output_dir, max(1, t.keep_checkpoints))
     progress.close()
+    if board is not None:
+        board.close()
 
     # ---- finish: reports, final checkpoint, summary
     padded_total, real_total = accelerator.reduce(torch.tensor([padded_total, real_total], device=accelerator.device),
@@ -295,6 +310,12 @@ def heldout_loss(accelerator, model, examples: list[Example], tokenizer, t) -> f
         value = mean_response_loss(unwrapped, examples, tokenizer.pad_token_id, t.micro_batch_tokens)
     unwrapped.train()
     return value
+
+
+def _tensorboard(output_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(output_dir / "tensorboard"))
 
 
 def _progress_bar(job: TrainJob, is_main: bool, start: int, total: int):

@@ -114,3 +114,14 @@ def test_missing_and_unknown_files(tmp_path):
         load_conversations(DataConfig(path=str(tmp_path / "x.txt")))
     with pytest.raises(UserError, match="builtin task has splits"):
         load_conversations(DataConfig(path="builtin", split="test"))
+
+
+def test_a_local_dataset_folder_loads_through_datasets(tmp_path):
+    """The `datasets` code path (used for hub names) on a local folder, offline."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ALPACA)
+    conversations = load_conversations(DataConfig(path=str(folder), split="train"))
+    assert conversations[0][1] == {"role": "assistant", "content": "3"}
+    with pytest.raises(UserError, match=r"cannot load .*my_dataset.* \(split 'validation'\)"):
+        load_conversations(DataConfig(path=str(folder), split="validation"))

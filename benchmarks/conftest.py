@@ -1,0 +1,32 @@
+"""Benchmark fixtures: the embedded model loaded once, and a table of results printed and saved at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def results():
+    yield RESULTS
+    if not RESULTS:
+        return
+    lines = ["", "| system | tokens/s | s/step | padding | ours / this |", "|---|---|---|---|---|"]
+    for name, row in sorted(RESULTS.items(), key=lambda item: item[0].split()[-1]):
+        ours = RESULTS.get(f"ours {name.split()[-1]}", {}).get("tokens_per_s")
+        ratio = f"{ours / row['tokens_per_s']:.2f}" if ours else ""
+        lines.append(f"| {name} | {row.get('tokens_per_s', 0):.0f} | {row.get('seconds_per_step', 0):.2f} | "
+                     f"{row.get('padding_fraction', 0):.1%} | {ratio} |")
+    print("\n".join(lines))
+    out = Path(os.environ.get("BENCH_RESULTS", ".benchmarks/step_throughput.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(RESULTS, indent=2))
