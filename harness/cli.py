@@ -3,6 +3,7 @@
     forgetting train CONFIG.yaml [key=value ...]   fine-tune (resumes if output_dir holds an unfinished run)
     forgetting config [CONFIG.yaml] [key=value ...] print the resolved config (validates it); --reference: all knobs
     forgetting data CONFIG.yaml [key=value ...]    data statistics and the first example with its loss mask
+    forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
 
 Bad input exits 2 and runtime failures exit 1, each with one line on stderr; `--debug` shows the traceback.
 """
@@ -14,7 +15,7 @@ import logging
 import os
 import sys
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, UserError
 
 FLAGS = "--debug shows tracebacks. Overrides are dotted keys, e.g. train.lr=1e-5 data.format=chatml."
 
@@ -77,6 +78,32 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from evals.runner import EvalSettings, evaluate, headline, load_for_eval, save_results
+    from harness.configlib import from_dict
+    from harness.models import cache_root
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output}: exists; pass --overwrite to replace it or choose another --output")
+    fields = {"tasks": [t for t in args.tasks.split(",") if t], "limit": args.limit,
+              "batch_size": args.batch_size, "apply_chat_template": not args.no_chat_template,
+              "include_path": args.include_path or []}
+    settings = from_dict(EvalSettings, fields)
+    model, tokenizer = load_for_eval(args.model, args.adapter)
+    cache = None if args.no_cache else cache_root() / "eval"
+    results = evaluate(model, tokenizer, settings, cache_dir=cache)
+    results["forgetting"]["model"] = {"source": args.model, "adapter": args.adapter}
+    save_results(results, output, overwrite=args.overwrite)
+    print(f"{'task':<24} {'metric':<28} {'value':>9} {'stderr':>9}")
+    for task, metric, value, stderr in headline(results):
+        print(f"{task:<24} {metric:<28} {value:>9.4f} {stderr if stderr is not None else float('nan'):>9.4f}")
+    print(f"results written to {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetting", description="Measure and mitigate forgetting in SFT.",
                                      epilog=FLAGS)
@@ -95,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     config = add("config", cmd_config, "print the resolved config, or every knob with --reference", False)
     config.add_argument("--reference", action="store_true", help="print every config key with its default and meaning")
     add("data", cmd_data, "show data statistics and the loss mask of the first example")
+    ev = commands.add_parser("eval", help="evaluate a model or checkpoint with lm-eval (offline suite by default)",
+                             description="Evaluate MODEL (checkpoint dir, hub id, .gguf, embedded:...) with lm-eval.",
+                             epilog=FLAGS)
+    ev.add_argument("model", help="checkpoint directory, hub id, .gguf file or embedded:smollm2-135m-instruct")
+    ev.add_argument("--adapter", help="PEFT adapter directory to apply on MODEL")
+    ev.add_argument("--tasks", default="forgetting_suite", help="comma-separated lm-eval tasks/groups")
+    ev.add_argument("--limit", type=int, help="only the first N documents per task")
+    ev.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
+    ev.add_argument("--no-chat-template", action="store_true", help="do not wrap prompts in the chat template")
+    ev.add_argument("--include-path", action="append", help="extra lm-eval task folder (repeatable)")
+    ev.add_argument("--output", default="eval_results.json", help="results JSON to write")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ev.add_argument("--no-cache", action="store_true", help="ignore and do not write the result cache")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    ev.set_defaults(func=cmd_eval, config=None, overrides=[])
     return parser
 
 

@@ -1,0 +1,28 @@
+"""Held-out general prose for the `forgetting_prose` perplexity task (written for this project)."""
+
+PARAGRAPHS = [
+    "The river rises in the hills to the north and runs for almost two hundred kilometres before it reaches the sea. For most of its length it is slow and wide, and in summer children swim in the shallow pools near the old stone bridge.",
+    "Bread has been baked for thousands of years. The simplest loaf needs only flour, water, salt and yeast, but bakers spend years learning how long to knead the dough, how warm to keep it while it rises, and how hot the oven should be.",
+    "When the first trains crossed the continent, a journey that had taken weeks by horse and wagon could be finished in a few days. Towns grew up around the stations, and many of them are still there today.",
+    "Most birds build a new nest every year. Some use twigs and grass, others use mud, and a few simply lay their eggs on bare rock high above the sea, where foxes and other hunters cannot reach them.",
+    "The library opened in the spring with more than ten thousand books on its shelves. On the first morning a long line of people waited outside, and by the evening almost every children's book had been borrowed.",
+    "Rain falls when water vapour in the air cools and forms droplets heavy enough to fall. In some parts of the world it rains nearly every day, while in the driest deserts years can pass without a single shower.",
+    "She learned to play the piano at the age of six and practised every afternoon after school. By the time she was sixteen she was giving concerts in the town hall, and people travelled from the nearby villages to hear her.",
+    "A good map shows more than roads and rivers. It tells the reader how steep the land is, where the forests end, which paths can be walked in winter, and where to find water on a long day of walking.",
+    "The market is busiest on Saturday mornings. Farmers arrive before sunrise to set up their stalls, and by eight o'clock the square is full of people buying vegetables, cheese, fresh fish and flowers.",
+    "Volcanoes form where molten rock from deep inside the Earth reaches the surface. Some erupt with great explosions of ash and gas, while others release slow rivers of lava that cool and harden into new land.",
+    "The old lighthouse stood on the edge of the cliff for more than a century. Its keeper climbed the narrow stairs every evening to light the lamp, and ships far out at sea used its beam to find their way home.",
+    "Learning a new language takes patience. At first every sentence is a struggle, but after a few months of daily practice the sounds become familiar, and one day you notice that you understood a whole conversation.",
+    "In the autumn the leaves of many trees turn yellow, orange and red before they fall. The colours appear because the trees stop making the green pigment that they use in summer to turn sunlight into food.",
+    "The team trained for months before the final match. On the day itself it rained heavily, the pitch turned to mud, and the only goal of the game was scored in the last minute by a player who had just come on.",
+    "Honey bees live in large colonies ruled by a single queen. Worker bees collect nectar from flowers, carry it back to the hive and turn it into honey, which feeds the colony through the cold winter months.",
+    "The museum keeps a collection of clocks from many centuries. Some are as large as a wardrobe and others fit in the palm of a hand, and on the hour the whole room fills with the sound of bells and chimes.",
+    "Many people find it easier to work early in the morning, before the house is awake and the telephone starts to ring. Others do their best thinking late at night, when the streets are quiet and nobody asks for anything.",
+    "The bridge took four years to build. Engineers had to sink its foundations deep into the riverbed, and the steel for the long central span was carried in pieces by boat and joined together high above the water.",
+    "Tea was first drunk in China and later spread along trade routes to the rest of the world. Today it is grown on hillsides in many warm countries, and it is one of the most popular drinks on Earth after water.",
+    "On clear nights far from the lights of the city, thousands of stars can be seen with the naked eye. With a small telescope it is possible to see the rings of Saturn and the largest moons of Jupiter.",
+    "The village school had only two classrooms, one for the younger children and one for the older ones. The teacher knew every family by name, and in winter the pupils took turns bringing wood for the stove.",
+    "Cooking rice well is simpler than it seems. Rinse the grains, add the right amount of water, bring it to the boil, then cover the pot and leave it on a very low heat until the water has been absorbed.",
+    "Long before printing, books were copied by hand. A single copy could take a skilled writer many months, which is why books were rare and valuable, and why libraries often chained them to their desks.",
+    "The wind farm on the hill has twenty turbines. On a windy day they turn steadily and produce enough electricity for several thousand homes, and on calm days the power comes from the grid instead.",
+]

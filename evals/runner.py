@@ -1,0 +1,230 @@
+"""Evaluate a model with lm-eval: in memory or from a checkpoint, with a cache keyed by the model's weights.
+
+    results = evaluate(model, tokenizer, EvalSettings(tasks=["forgetting_suite"]), cache_dir=...)
+
+The same code path serves a base model, a fully fine-tuned model, a base + PEFT adapter, and a saved
+checkpoint (`load_for_eval`). Each leaf task's result is cached under a key made of the weights fingerprint,
+the task's name, version, config and a hash of its documents, the evaluation settings (including the chat
+template, which carries the training format) and the lm-eval version. lm-eval's own `use_cache` is not used:
+its keys ignore the model weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from harness.configlib import knob
+from harness.errors import UserError
+from harness.io import atomic_write_json
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+SUITE = ["forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose"]
+
+
+@dataclass
+class EvalSettings:
+    tasks: list[str] = knob(["forgetting_suite"], "lm-eval task or group names (the offline suite by default)")
+    limit: Optional[int] = knob(None, "evaluate only the first N documents of each task")
+    batch_size: int = knob(16, "lm-eval batch size (set on HFLM: simple_evaluate ignores it for model objects)")
+    max_length: int = knob(2048, "context length for lm-eval (tokens)")
+    apply_chat_template: bool = knob(True, "wrap prompts in the model's chat template (the training format)")
+    system_instruction: Optional[str] = knob(None, "system message for chat-formatted prompts")
+    num_fewshot: Optional[int] = knob(None, "few-shot examples (null: each task's default)")
+    fewshot_as_multiturn: bool = knob(False, "present few-shot examples as chat turns")
+    include_path: list[str] = knob([], "extra lm-eval task folders (Python hooks in them run: only your own)")
+    bootstrap_iters: int = knob(1000, "bootstrap resamples for the stderr of non-mean metrics")
+    seed: int = knob(1234, "lm-eval random seed (sampling, few-shot order)")
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is needed")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: must be at least 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """BLAKE2 hash of every tensor's name, dtype, shape and bytes (adapters included)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def task_manager(settings: EvalSettings):
+    from lm_eval.tasks import TaskManager
+
+    for path in settings.include_path:
+        if not Path(path).is_dir():
+            raise UserError(f"include_path: {path} is not a folder")
+    return TaskManager(include_path=[str(TASKS_DIR), *settings.include_path])
+
+
+def leaf_tasks(manager, names: list[str]) -> dict[str, Any]:
+    """Task objects by name, groups expanded into their tasks."""
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"tasks: unknown task {unknown[0]!r} (lm-eval knows {len(manager.all_tasks)} names; "
+                        f"the offline suite is forgetting_suite = {', '.join(SUITE)})")
+    leaves: dict[str, Any] = {}
+
+    def walk(node):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value)
+            else:
+                leaves[key] = value
+
+    walk(manager.load_task_or_group(names))
+    return leaves
+
+
+def _docs_hash(task) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for doc in task.eval_docs:
+        digest.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(fingerprint: str, task, settings: EvalSettings, chat_template: str | None) -> str:
+    import lm_eval
+
+    config = task.config.to_dict() if hasattr(task.config, "to_dict") else asdict(task.config)
+    parts = {"weights": fingerprint, "task": task.config.task, "version": task.VERSION,
+             "config": json.dumps(config, sort_keys=True, default=str), "docs": _docs_hash(task),
+             "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path")},
+             "chat_template": chat_template if settings.apply_chat_template else None,
+             "lm_eval": lm_eval.__version__}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+SLICES = ("results", "configs", "versions", "n-samples", "higher_is_better", "samples")
+
+
+def _slice(results: dict, name: str) -> dict:
+    return {key: {name: results[key][name]} for key in SLICES if name in results.get(key, {})}
+
+
+def _merge(parts: list[dict]) -> dict:
+    merged: dict[str, dict] = {key: {} for key in SLICES}
+    for part in parts:
+        for key, value in part.items():
+            merged[key].update(value)
+    return merged
+
+
+def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
+    """lm-eval's simple_evaluate on an in-memory model for the given Task objects."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
+    output = simple_evaluate(
+        model=lm, tasks=tasks, limit=settings.limit, num_fewshot=settings.num_fewshot, log_samples=True,
+        apply_chat_template=settings.apply_chat_template, system_instruction=settings.system_instruction,
+        fewshot_as_multiturn=settings.fewshot_as_multiturn, bootstrap_iters=settings.bootstrap_iters,
+        random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+        fewshot_random_seed=settings.seed)
+    return output
+
+
+def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = None) -> dict:
+    """Results of every requested task (lm-eval's layout) plus `forgetting` metadata; cached per task."""
+    from evals.nltk_offline import ensure_punkt_tab
+
+    ensure_punkt_tab()  # before lm-eval imports its ifeval checkers
+    manager = task_manager(settings)
+    leaves = leaf_tasks(manager, settings.tasks)
+    fingerprint = weights_fingerprint(model)
+    keys = {name: cache_key(fingerprint, task, settings, getattr(tokenizer, "chat_template", None))
+            for name, task in leaves.items()}
+    parts, missing, hits = [], [], []
+    for name in leaves:
+        path = cache_dir / f"{keys[name]}.json" if cache_dir else None
+        if path is not None and path.is_file():
+            parts.append(json.loads(path.read_text()))
+            hits.append(name)
+        else:
+            missing.append(name)
+    if missing:
+        was_training = model.training
+        model.eval()
+        output = run_lm_eval(model, tokenizer, settings, [leaves[name] for name in missing])
+        model.train(was_training)
+        for name in missing:
+            part = _slice(output, name)
+            parts.append(part)
+            if cache_dir is not None:
+                atomic_write_json(cache_dir / f"{keys[name]}.json", part)
+    results = _merge(parts)
+    results["forgetting"] = {"weights_fingerprint": fingerprint, "settings": asdict(settings),
+                             "chat_template": getattr(tokenizer, "chat_template", None),
+                             "format": getattr(tokenizer, "init_kwargs", {}).get("forgetting_format"),
+                             "cache_hits": hits, "evaluated": missing, "lm_eval_version": _lm_eval_version()}
+    return results
+
+
+def _lm_eval_version() -> str:
+    import lm_eval
+
+    return lm_eval.__version__
+
+
+def load_for_eval(source: str, adapter: str | None = None, model_config=None):
+    """(model, tokenizer) for a checkpoint directory, hub id, GGUF or embedded name, optionally + a PEFT adapter."""
+    from harness.config import ModelConfig
+    from harness.models import load_model, load_tokenizer
+
+    config = model_config or ModelConfig(name_or_path=source)
+    tokenizer = load_tokenizer(config)
+    model = load_model(config, for_training=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"--adapter: {adapter} has no adapter_config.json (not a PEFT adapter directory)")
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"--adapter: {adapter} does not fit {source}: {str(err).splitlines()[0]}") from None
+        adapter_tokenizer = Path(adapter) / "tokenizer_config.json"
+        if adapter_tokenizer.is_file():
+            tokenizer = load_tokenizer(ModelConfig(name_or_path=adapter))
+    model.eval()
+    return model, tokenizer
+
+
+def headline(results: dict) -> list[tuple[str, str, float, float | None]]:
+    """(task, metric, value, stderr) rows for printing."""
+    rows = []
+    for task, metrics in sorted(results.get("results", {}).items()):
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric = key.split(",")[0]
+            stderr = metrics.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
+            rows.append((task, metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
+    return rows
+
+
+@dataclass
+class SavedResults:
+    path: Path
+    data: dict = field(repr=False)
+
+
+def save_results(results: dict, path: Path, overwrite: bool = False) -> SavedResults:
+    """Write results JSON atomically; refuse to replace an existing file unless asked."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: exists; pass --overwrite to replace it or choose another --output")
+    atomic_write_json(path, results)
+    return SavedResults(path, results)

@@ -1,0 +1,58 @@
+"""Hooks for the offline suite's lm-eval tasks: datasets generated in code, and their scoring functions.
+
+Referenced from the YAML files beside this one with `!function utils.<name>`; lm-eval imports this file by
+path, so it only imports from the installed `evals` and `harness` packages.
+"""
+
+from __future__ import annotations
+
+import datasets
+
+
+def _test_split(rows: list[dict]) -> datasets.DatasetDict:
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def load_knowledge(**kwargs) -> datasets.DatasetDict:
+    from evals.knowledge import items
+
+    return _test_split(items())
+
+
+def load_target(**kwargs) -> datasets.DatasetDict:
+    from harness.builtin_task import records
+
+    return _test_split(records("heldout"))
+
+
+def load_prose(**kwargs) -> datasets.DatasetDict:
+    from evals.prose import PARAGRAPHS
+
+    return _test_split([{"text": text} for text in PARAGRAPHS])
+
+
+def load_ifeval(**kwargs) -> datasets.DatasetDict:
+    from evals.ifeval_prompts import prompts
+
+    return _test_split(prompts())
+
+
+def score_target(doc: dict, results: list[str]) -> dict:
+    from harness.builtin_task import score
+
+    return score(results[0], doc["response"])
+
+
+def score_ifeval(doc: dict, results: list[str]) -> dict:
+    from evals.nltk_offline import ensure_punkt_tab
+
+    ensure_punkt_tab()
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    return process_results(doc, results)
+
+
+def agg_inst_level_acc(items):
+    from lm_eval.tasks.ifeval.utils import agg_inst_level_acc as aggregate
+
+    return aggregate(items)

@@ -1,0 +1,166 @@
+"""Evaluation: the offline suite's task logic (oracle LM), the IFEval checkers offline, the runner and its cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from lm_eval.api.model import LM
+
+from evals.runner import EvalSettings, evaluate, headline, task_manager, weights_fingerprint
+from harness.errors import UserError
+
+
+class OracleLM(LM):
+    """Answers every question right (or every one wrong), from the documents themselves."""
+
+    def __init__(self, right: bool = True):
+        super().__init__()
+        self.right = right
+
+    def loglikelihood(self, requests):
+        out = []
+        for request in requests:
+            doc, (_, continuation) = request.doc, request.args
+            correct = continuation.strip() == doc["choices"][doc["answer"]]
+            out.append((0.0 if correct == self.right else -10.0, correct == self.right))
+        return out
+
+    def loglikelihood_rolling(self, requests):
+        return [-0.5 * len(request.args[0]) for request in requests]
+
+    def generate_until(self, requests):
+        return [request.doc["response"] if self.right else "I think this is about a person." for request in requests]
+
+
+def oracle_results(right: bool, limit: int = 20) -> dict:
+    from lm_eval import simple_evaluate
+
+    from evals.nltk_offline import ensure_punkt_tab
+
+    ensure_punkt_tab()
+    settings = EvalSettings(tasks=["forgetting_knowledge", "forgetting_target", "forgetting_prose"], limit=limit)
+    return simple_evaluate(model=OracleLM(right), tasks=settings.tasks, limit=limit, task_manager=task_manager(settings),
+                           bootstrap_iters=0)["results"]
+
+
+def test_oracle_scores_every_task_perfectly_and_a_wrong_lm_scores_zero():
+    right, wrong = oracle_results(True), oracle_results(False)
+    assert right["forgetting_knowledge"]["acc,none"] == 1.0 and wrong["forgetting_knowledge"]["acc,none"] == 0.0
+    assert right["forgetting_target"]["exact_match,none"] == 1.0
+    assert wrong["forgetting_target"]["exact_match,none"] == 0.0 and wrong["forgetting_target"]["format_valid,none"] == 0.0
+    # rolling loglikelihood of -0.5 nats per byte -> bits per byte = 0.5 / ln 2
+    assert right["forgetting_prose"]["bits_per_byte,none"] == pytest.approx(0.5 / 0.6931471805599453, rel=1e-6)
+
+
+def test_suite_data_is_sized_and_balanced():
+    from evals.ifeval_prompts import prompts
+    from evals.knowledge import CATEGORIES, items
+
+    knowledge = items()
+    assert len(knowledge) >= 300 and {i["category"] for i in knowledge} == set(CATEGORIES)
+    assert all(len(i["choices"]) == 4 and len(set(i["choices"])) == 4 for i in knowledge)
+    assert knowledge == items()
+    records = prompts()
+    assert len(records) == 200 and records == prompts()
+    assert len({i for r in records for i in r["instruction_id_list"]}) >= 15
+
+
+SCRIPT = """
+import json, sys
+from evals.tasks.utils import score_ifeval
+doc = {"key": 0, "prompt": "p", "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma",
+       "length_constraints:number_sentences"], "kwargs": [{}, {}, {"relation": "less than", "num_sentences": 3}]}
+print(json.dumps([score_ifeval(doc, [text]) for text in sys.argv[1:]]))
+"""
+
+
+def test_ifeval_checkers_run_offline_with_a_fresh_cache(tmp_path):
+    """A new cache directory, no network: the punkt_tab data is built locally and the checkers score."""
+    env = dict(os.environ, FORGETTING_CACHE=str(tmp_path), NLTK_DATA=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
+    texts = ["all lower case. no commas here.", "Has, a comma. And Capitals. Three. Four sentences."]
+    result = subprocess.run([sys.executable, "-c", SCRIPT, *texts], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    good, bad = json.loads(result.stdout.strip().splitlines()[-1])
+    assert good["prompt_level_strict_acc"] is True and good["inst_level_strict_acc"] == [True, True, True]
+    assert bad["prompt_level_strict_acc"] is False and bad["inst_level_strict_acc"] == [False, False, False]
+    assert (tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english" / "abbrev_types.txt").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_model(tokenizer):
+    from harness.formats import attach_format
+    from harness.models import tiny_model
+
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    attach_format(tok, "chatml")
+    return tiny_model(len(tok), seed=1).eval(), tok
+
+
+def test_tiny_model_runs_the_whole_suite_and_the_cache_is_keyed_by_weights(tiny_eval_model, tmp_path):
+    model, tok = tiny_eval_model
+    settings = EvalSettings(limit=2, batch_size=2)
+    first = evaluate(model, tok, settings, cache_dir=tmp_path)
+    assert set(first["results"]) == {"forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose"}
+    assert first["forgetting"]["cache_hits"] == [] and first["forgetting"]["format"] == "chatml"
+    assert all(len(samples) == 2 for samples in first["samples"].values())  # per-example outputs kept
+    assert headline(first)
+
+    again = evaluate(model, tok, settings, cache_dir=tmp_path)
+    assert sorted(again["forgetting"]["cache_hits"]) == sorted(first["results"]) and again["forgetting"]["evaluated"] == []
+    assert again["results"] == first["results"]
+
+    fingerprint = weights_fingerprint(model)
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1e-3
+    try:
+        assert weights_fingerprint(model) != fingerprint
+        changed = evaluate(model, tok, EvalSettings(tasks=["forgetting_knowledge"], limit=2, batch_size=2),
+                           cache_dir=tmp_path)
+        assert changed["forgetting"]["cache_hits"] == [] and changed["forgetting"]["evaluated"] == ["forgetting_knowledge"]
+    finally:
+        with torch.no_grad():
+            model.model.norm.weight[0] -= 1e-3
+    other_settings = evaluate(model, tok, EvalSettings(tasks=["forgetting_knowledge"], limit=3, batch_size=2),
+                              cache_dir=tmp_path)
+    assert other_settings["forgetting"]["cache_hits"] == []
+
+
+def test_unknown_task_is_a_one_line_error(tiny_eval_model):
+    model, tok = tiny_eval_model
+    with pytest.raises(UserError, match="tasks: unknown task 'no_such_task'"):
+        evaluate(model, tok, EvalSettings(tasks=["no_such_task"]))
+
+
+@pytest.mark.slow
+def test_harness_score_equals_the_lm_eval_cli_on_a_saved_checkpoint(tiny_eval_model, tmp_path):
+    from evals.runner import TASKS_DIR, load_for_eval
+
+    model, tok = tiny_eval_model
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tok.save_pretrained(checkpoint)
+    tasks = "forgetting_knowledge,forgetting_target"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+               f"pretrained={checkpoint},dtype=float32", "--include_path", str(TASKS_DIR), "--tasks", tasks,
+               "--limit", "6", "--batch_size", "3", "--device", "cpu", "--apply_chat_template",
+               "--output_path", str(tmp_path / "cli")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (cli_file,) = (tmp_path / "cli").rglob("results_*.json")
+    cli = json.loads(cli_file.read_text())["results"]
+
+    loaded, loaded_tok = load_for_eval(str(checkpoint))
+    ours = evaluate(loaded, loaded_tok, EvalSettings(tasks=tasks.split(","), limit=6, batch_size=3))["results"]
+    for task in tasks.split(","):
+        for metric, value in cli[task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert ours[task][metric] == pytest.approx(value, abs=1e-9), (task, metric)
