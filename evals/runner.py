@@ -24,7 +24,8 @@ from harness.errors import UserError
 from harness.io import atomic_write_json
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-SUITE = ["forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose"]
+SUITE = ["forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose",
+         "forgetting_format_health"]
 
 
 @dataclass
@@ -166,11 +167,27 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
             if cache_dir is not None:
                 atomic_write_json(cache_dir / f"{keys[name]}.json", part)
     results = _merge(parts)
-    results["forgetting"] = {"weights_fingerprint": fingerprint, "settings": asdict(settings),
+    results["forgetting"] = {"by_category": by_category(results),"weights_fingerprint": fingerprint, "settings": asdict(settings),
                              "chat_template": getattr(tokenizer, "chat_template", None),
-                             "format": getattr(tokenizer, "init_kwargs", {}).get("forgetting_format"),
+                             "format": getattr(tokenizer, "init_kwargs", {}).get("forgetting_format")
+                             or ("chat_template" if getattr(tokenizer, "chat_template", None) else None),
                              "cache_hits": hits, "evaluated": missing, "lm_eval_version": _lm_eval_version()}
     return results
+
+
+def by_category(results: dict) -> dict:
+    """Per task whose documents carry a `category`: each per-example metric's mean by category."""
+    out: dict[str, dict] = {}
+    for task, samples in results.get("samples", {}).items():
+        if not samples or "category" not in samples[0].get("doc", {}):
+            continue
+        metrics = [k.split(",")[0] for k in results["results"].get(task, {}) if "," in k and "stderr" not in k]
+        groups: dict[str, list[dict]] = {}
+        for sample in samples:
+            groups.setdefault(sample["doc"]["category"], []).append(sample)
+        out[task] = {category: {m: sum(float(s[m]) for s in group) / len(group) for m in metrics if m in group[0]}
+                     | {"n": len(group)} for category, group in sorted(groups.items())}
+    return out
 
 
 def _lm_eval_version() -> str:

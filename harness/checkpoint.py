@@ -42,7 +42,7 @@ def export_model(accelerator, model, tokenizer, job, target: Path) -> None:
 
 
 def save_checkpoint(accelerator, model, tokenizer, job, output_dir: Path, name: str,
-                    with_state: bool, extra: dict) -> Path:
+                    with_state: bool, extra: dict, extra_models: dict | None = None) -> Path:
     """Stage and publish `output_dir/name`; every process calls this (each saves its RNG state)."""
     target = output_dir / name
     staging = output_dir / f".tmp-{name}"
@@ -53,6 +53,10 @@ def save_checkpoint(accelerator, model, tokenizer, job, output_dir: Path, name: 
     export_model(accelerator, model, tokenizer, job, staging)
     if with_state:
         accelerator.save_state(str(staging / "state"))
+    if accelerator.is_main_process:
+        for sub, extra_model in (extra_models or {}).items():  # e.g. a merged LoRA model in final/merged
+            extra_model.save_pretrained(staging / sub, safe_serialization=True)
+            tokenizer.save_pretrained(staging / sub)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(staging / "trainer_state.json", extra)

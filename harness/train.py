@@ -195,7 +195,7 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
     model.to(accelerator.device)
     for mitigation in mitigations:
         if hasattr(mitigation, "mix_data"):
-            examples = list(mitigation.mix_data(examples, ctx))
+            examples = list(mitigation.mix_data(examples, model, ctx))
     hook_results(mitigations, "prepare", model, ctx)
 
     # ---- optimizer, schedule, the whole step plan
@@ -296,7 +296,11 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
                          tokens_per_second=tokens_per_second, padding_fraction=1 - real_total / max(1, padded_total),
                          heldout_loss=heldout_losses, mitigation_reports=reports)
     summary = {k: v for k, v in asdict(result).items() if k != "final_dir"}
-    ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, "final", with_state=False, extra=summary)
+    extra_models = {}
+    for part in hook_results(mitigations, "export", accelerator.unwrap_model(model), ctx):
+        extra_models.update(part)
+    ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, "final", with_state=False, extra=summary,
+                         extra_models=extra_models)
     if is_main:
         ckpt.prune_checkpoints(output_dir, t.keep_checkpoints)
     return result

@@ -5,9 +5,10 @@ order the config lists the mitigations. Hooks return values; the loop decides wh
 
     wrap_model(model, ctx) -> model         replace/wrap the model to train (LoRA, freezing)
     param_groups(model, ctx) -> [dict]      optimizer parameter groups (per-group lr, weight decay)
-    mix_data(examples, ctx) -> [Example]    extra tokenized examples mixed into the training stream (replay)
+    mix_data(examples, model, ctx) -> [Ex]  the training examples with extra ones mixed in (replay)
     prepare(model, ctx) -> None             before the first step: snapshot anchors, estimate Fisher
     penalty(model, ctx) -> Tensor           added to the loss once per optimizer step (EWC, L2-SP, KL)
+    export(model, ctx) -> {name: model}     after training: extra models saved as final/<name> (merged LoRA)
     report(model, ctx) -> dict              after training: numbers recorded beside the run's results
 
 `ctx` is a read-only `harness.train.TrainContext`. Register an implementation with
@@ -25,7 +26,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from harness.configlib import from_dict
 from harness.errors import UserError
 
-HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "report")
+HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "export", "report")
 
 
 @runtime_checkable
@@ -53,7 +54,7 @@ def register_mitigation(name: str, config_cls: type) -> Callable[[type], type]:
 
 def _load_builtin() -> None:
     """Import the modules that register the built-in mitigations."""
-    from mitigations import freeze, l2sp  # noqa: F401
+    from mitigations import ewc, freeze, l2sp, lora, low_lr, replay  # noqa: F401
 
 
 def _config_of(spec: Any, index: int) -> tuple[str, Any]:

@@ -59,3 +59,22 @@ def test_data_command_shows_the_mask():
     result = run_cli("data", "data.limit=3", "data.format=chatml")
     assert result.returncode == 0, result.stderr
     assert "records 3, examples 3" in result.stdout and "[<|im_end|>]" in result.stdout
+
+
+def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tokenizer):
+    from harness.models import tiny_model
+
+    checkpoint = tmp_path / "ckpt"
+    tiny_model(len(tokenizer)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    out = tmp_path / "results.json"
+    args = ["eval", str(checkpoint), "--tasks", "forgetting_knowledge", "--limit", "2", "--output", str(out),
+            "--no-cache"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "forgetting_knowledge" in first.stdout and out.is_file()
+    before = out.read_text()
+    again = run_cli(*args)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr and out.read_text() == before
+    missing = run_cli("eval", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

@@ -57,6 +57,16 @@ def test_oracle_scores_every_task_perfectly_and_a_wrong_lm_scores_zero():
     assert right["forgetting_prose"]["bits_per_byte,none"] == pytest.approx(0.5 / 0.6931471805599453, rel=1e-6)
 
 
+def test_format_health_scores():
+    from evals.tasks.utils import score_format_health
+
+    clean = score_format_health({}, ["A short answer."])
+    assert clean == {"leak_rate": 0.0, "response_words": 3.0, "ends_cleanly": 1.0, "empty_rate": 0.0}
+    leaky = score_format_health({}, ["Sure thing ### Response: and then Human: more and cut"])
+    assert leaky["leak_rate"] == 1.0 and leaky["ends_cleanly"] == 0.0
+    assert score_format_health({}, ["  "])["empty_rate"] == 1.0
+
+
 def test_suite_data_is_sized_and_balanced():
     from evals.ifeval_prompts import prompts
     from evals.knowledge import CATEGORIES, items
@@ -108,10 +118,13 @@ def test_tiny_model_runs_the_whole_suite_and_the_cache_is_keyed_by_weights(tiny_
     model, tok = tiny_eval_model
     settings = EvalSettings(limit=2, batch_size=2)
     first = evaluate(model, tok, settings, cache_dir=tmp_path)
-    assert set(first["results"]) == {"forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose"}
+    assert set(first["results"]) == {"forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose",
+                                     "forgetting_format_health"}
     assert first["forgetting"]["cache_hits"] == [] and first["forgetting"]["format"] == "chatml"
     assert all(len(samples) == 2 for samples in first["samples"].values())  # per-example outputs kept
     assert headline(first)
+    categories = first["forgetting"]["by_category"]["forgetting_knowledge"]
+    assert sum(c["n"] for c in categories.values()) == 2 and all("acc" in c for c in categories.values())
 
     again = evaluate(model, tok, settings, cache_dir=tmp_path)
     assert sorted(again["forgetting"]["cache_hits"]) == sorted(first["results"]) and again["forgetting"]["evaluated"] == []
@@ -164,3 +177,34 @@ def test_harness_score_equals_the_lm_eval_cli_on_a_saved_checkpoint(tiny_eval_mo
         for metric, value in cli[task].items():
             if isinstance(value, float) and "stderr" not in metric:
                 assert ours[task][metric] == pytest.approx(value, abs=1e-9), (task, metric)
+
+
+def test_base_plus_peft_adapter_goes_through_the_same_path(tiny_eval_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from evals.runner import load_for_eval
+
+    model, tok = tiny_eval_model
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    peft_model = get_peft_model(tiny_model_copy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)  # a non-trivial adapter
+    peft_model.save_pretrained(adapter_dir)
+
+    base, base_tok = load_for_eval(str(base_dir))
+    adapted, _ = load_for_eval(str(base_dir), adapter=str(adapter_dir))
+    assert weights_fingerprint(adapted) != weights_fingerprint(base)
+    results = evaluate(adapted, base_tok, EvalSettings(tasks=["forgetting_knowledge"], limit=2, batch_size=2))
+    assert "acc,none" in results["results"]["forgetting_knowledge"]
+    with pytest.raises(UserError, match="not a PEFT adapter directory"):
+        load_for_eval(str(base_dir), adapter=str(base_dir))
+
+
+def tiny_model_copy(model):
+    import copy
+
+    return copy.deepcopy(model)

@@ -90,7 +90,7 @@ class Probe:
         Probe.calls.append("wrap_model")
         return model
 
-    def mix_data(self, examples, ctx):
+    def mix_data(self, examples, model, ctx):
         Probe.calls.append("mix_data")
         return examples + examples[:4] if self.config.mix else examples
 

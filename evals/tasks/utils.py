@@ -56,3 +56,25 @@ def agg_inst_level_acc(items):
     from lm_eval.tasks.ifeval.utils import agg_inst_level_acc as aggregate
 
     return aggregate(items)
+
+
+FOREIGN_FORMAT = "### Instruction:\n{}\n\n### Response:\n"  # Alpaca markers inside the model's own format
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "### Instruction", "### Response",
+                    "Human:", "Assistant:", "<s>", "</s>", "[INST]", "[/INST]")
+
+
+def load_format_health(**kwargs) -> datasets.DatasetDict:
+    from evals.ifeval_prompts import TASKS, TOPICS
+
+    rows = [{"prompt": FOREIGN_FORMAT.format(task.format(topic))} for task in TASKS for topic in TOPICS[:10]]
+    return _test_split(rows)
+
+
+def score_format_health(doc: dict, results: list[str]) -> dict:
+    """Template-marker leakage, response length in words, and whether the answer ends on a sentence end."""
+    text = results[0]
+    stripped = text.strip()
+    return {"leak_rate": float(any(marker in text for marker in TEMPLATE_MARKERS)),
+            "response_words": float(len(stripped.split())),
+            "ends_cleanly": float(bool(stripped) and stripped[-1] in ".!?)\"'*`"),
+            "empty_rate": float(not stripped)}
