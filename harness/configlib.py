@@ -142,7 +142,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "1e-5" as a string
-    return key.split("."), value
+    return key.split("."), _fix_yaml_floats(value)
 
 
 def _looks_like_float(text: str) -> bool:

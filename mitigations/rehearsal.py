@@ -70,6 +70,9 @@ def self_rehearsal(model, tokenizer, format_name: str, count: int, max_new_token
                  for p, a in zip(prompts, synthesize(model, tokenizer, prompts, max_new_tokens)) if a]
         if cache_file is not None:
             atomic_write_text(cache_file, "".join(json.dumps(p) + "\n" for p in pairs))
+    if not pairs:
+        raise UserError("mitigations: self-synthesized rehearsal got only empty answers from the model; "
+                        "use another source (a text file or dataset)")
     template = template_for(format_name, tokenizer)
     conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]
                      for p in pairs]
