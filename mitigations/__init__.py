@@ -54,7 +54,7 @@ def register_mitigation(name: str, config_cls: type) -> Callable[[type], type]:
 
 def _load_builtin() -> None:
     """Import the modules that register the built-in mitigations."""
-    from mitigations import ewc, freeze, l2sp, lora, low_lr, replay  # noqa: F401
+    from mitigations import ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft  # noqa: F401
 
 
 def _config_of(spec: Any, index: int) -> tuple[str, Any]:

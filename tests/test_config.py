@@ -51,7 +51,7 @@ def test_overrides_do_not_change_the_input():
     ("train: [\n", [], r"job\.yaml:2: invalid YAML"),
     ("", ["train.lr"], r"override 'train\.lr': expected key=value"),
     ("", ["train.epochs=many"], r"train\.epochs: expected a number, got 'many'"),
-    ("mitigations:\n  - name: magic\n", [], r"mitigations\[0\]\.name: unknown mitigation 'magic'; valid: ewc, freeze, l2sp, lora, low_lr, replay"),
+    ("mitigations:\n  - name: magic\n", [], r"mitigations\[0\]\.name: unknown mitigation 'magic'; valid: ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft"),
     ("mitigations:\n  - name: l2sp\n    strength: -1\n", [], r"mitigations\[0\]: strength: must be >= 0, got -1"),
     ("mitigations:\n  - name: l2sp\n  - name: l2sp\n", [], r"'l2sp' is listed 2 times"),
     ("mitigations:\n  - l2sp\n", [], r"mitigations\[0\]: expected a mapping, got 'l2sp'"),

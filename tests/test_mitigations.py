@@ -36,6 +36,8 @@ CASES = {  # name -> (mitigations override, check(result, start_state, tmp_path)
     "ewc": ("[{name: ewc, strength: 10.0, samples: 4, data: sft}]", "ewc"),
     "l2sp": ("[{name: l2sp, strength: 0.1}]", "l2sp"),
     "freeze": ("[{name: freeze, layers: [1, 1]}]", "freeze"),
+    "kl_to_base": ("[{name: kl_to_base, strength: 1.0, source: REPLAY_TXT, batch_size: 2}]", "kl_to_base"),
+    "wise_ft": ("[{name: wise_ft, alphas: [0.0, 0.5, 1.0]}]", "wise_ft"),
 }
 
 
@@ -74,6 +76,14 @@ def test_every_mitigation_trains_and_reports(tmp_path, make_tiny, case):
         assert changed and not any(".layers.1." in n for n in changed)
     else:
         assert changed == set(after)
+    if case == "wise_ft":
+        at = lambda a: load_file(str(result.final_dir / f"wise_ft_{a}" / "model.safetensors"))  # noqa: E731
+        zero, half, one = at("0"), at("0.5"), at("1")
+        for n in after:
+            assert torch.equal(zero[n], start[n]) and torch.equal(one[n], after[n])
+            torch.testing.assert_close(half[n], (start[n] + after[n]) / 2)
+    if case == "kl_to_base":
+        assert result.mitigation_reports["kl_to_base"]["last_kl"] > 0
     if case == "replay":
         report = result.mitigation_reports["replay"]
         assert report["realised_ratio"] == pytest.approx(0.25, abs=0.02) and report["pool"] == 4
@@ -213,6 +223,16 @@ def test_online_ewc_decays_the_previous_fisher_and_adds_the_new_one(tokenizer, m
         torch.testing.assert_close(new, 1.5 * old)
 
 
+def test_kl_to_base_matches_the_definition():
+    from mitigations.kl_to_base import kl_base_current
+
+    base, current = torch.randn(5, 11), torch.randn(5, 11)
+    p, q = torch.softmax(base, -1), torch.softmax(current, -1)
+    by_hand = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(kl_base_current(base, current), by_hand)
+    assert kl_base_current(base, base).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_replay_quota_is_met_and_deterministic():
     pool = [Example([1] * n, [1] * n) for n in (5, 10, 20, 40)]
     sft = [Example([2] * 10, [2] * 10) for _ in range(90)]
@@ -274,7 +294,7 @@ def test_mitigations_compose(tmp_path, spec):
     ("[{name: replay, ratio: -0.1}]", r"ratio: must be in \[0, 1\)"),
     ("[{name: ewc, estimator: exact}]", r"mitigations\[0\]\.estimator: expected one of empirical, sampled"),
     ("[{name: lora, rank: 4}]", r"mitigations\[0\]\.rank: unknown key; valid keys: r, alpha"),
-    ("[{name: dropout_magic}]", r"unknown mitigation 'dropout_magic'; valid: ewc, freeze, l2sp, lora, low_lr, replay"),
+    ("[{name: dropout_magic}]", r"unknown mitigation 'dropout_magic'; valid: ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft"),
 ])
 def test_bad_mitigation_configs(tmp_path, spec, pattern):
     with pytest.raises(UserError, match=pattern):

@@ -1,0 +1,109 @@
+"""Mitigation costs on the embedded SmolLM2-135M (fp32, CPU): EWC penalty overhead per step, LoRA step vs full
+fine-tuning, and Fisher estimation per example vs a plain forward-backward of the same example.
+
+Each step trains the same 16 built-in-task conversations (one optimizer step = forward + backward + clip +
+AdamW). Results are printed and saved to .benchmarks/mitigation_overhead.json; BENCHMARKS.md records them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.batching import collate, target_tokens
+from harness.config import DataConfig, ModelConfig, TrainConfig
+from harness.data import load_conversations, tokenize_all
+from harness.formats import attach_format
+from harness.loss import summed_response_loss
+from harness.models import load_model, load_tokenizer
+
+BATCH, ROUNDS = 16, 5
+TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = load_tokenizer(ModelConfig())
+    attach_format(tokenizer, "chat_template")
+    config = DataConfig(limit=BATCH, max_seq_len=256)
+    examples, _ = tokenize_all(load_conversations(config), tokenizer, config)
+    yield tokenizer, examples, load_model(ModelConfig())
+    out = Path(os.environ.get("BENCH_RESULTS_DIR", ".benchmarks")) / "mitigation_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(TIMES, indent=2))
+    print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in TIMES.items()))
+
+
+def make_step(model, tokenizer, examples, penalty=None):
+    from accelerate import Accelerator
+
+    from harness.train import accumulate_gradients, make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer([{"params": params}], TrainConfig(lr=1e-5), torch.device("cpu"))
+    accelerator = Accelerator(cpu=True)
+    scale = 1 / target_tokens(examples)
+
+    def step():
+        accumulate_gradients(model, accelerator, examples, 4096, tokenizer.pad_token_id, scale,
+                             (lambda: [penalty(model, None)]) if penalty else (lambda: []))
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(benchmark, name, step):
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    TIMES[f"{name}_s_per_step"] = benchmark.stats.stats.median
+
+
+def test_plain_step(benchmark, setup):
+    tokenizer, examples, base = setup
+    timed(benchmark, "plain", make_step(copy.deepcopy(base).train(), tokenizer, examples))
+
+
+def test_ewc_step(benchmark, setup):
+    from mitigations.ewc import EWC, EWCConfig
+
+    tokenizer, examples, base = setup
+    model = copy.deepcopy(base).train()
+    ewc = EWC(EWCConfig(strength=1.0))
+    ewc.anchor = [p.detach().clone() for p in model.parameters()]
+    ewc.fisher = [torch.rand_like(p) for p in model.parameters()]
+    timed(benchmark, "ewc", make_step(model, tokenizer, examples, ewc.penalty))
+    if "plain_s_per_step" in TIMES:
+        TIMES["ewc_overhead_fraction"] = TIMES["ewc_s_per_step"] / TIMES["plain_s_per_step"] - 1
+
+
+def test_lora_step(benchmark, setup):
+    from mitigations.lora import Lora, LoraMitigationConfig
+
+    tokenizer, examples, base = setup
+    model = Lora(LoraMitigationConfig()).wrap_model(copy.deepcopy(base), None).train()
+    timed(benchmark, "lora", make_step(model, tokenizer, examples))
+
+
+def test_fisher_cost_per_example(setup):
+    from mitigations.ewc import estimate_fisher
+
+    tokenizer, examples, base = setup
+    model = copy.deepcopy(base)
+    few = examples[:8]
+    started = time.perf_counter()
+    for example in few:  # the reference: one plain forward-backward per example
+        batch = collate([example], tokenizer.pad_token_id)
+        summed_response_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    TIMES["forward_backward_s_per_example"] = (time.perf_counter() - started) / len(few)
+    for estimator in ("empirical", "sampled"):
+        started = time.perf_counter()
+        estimate_fisher(model, few, tokenizer.pad_token_id, estimator)
+        TIMES[f"fisher_{estimator}_s_per_example"] = (time.perf_counter() - started) / len(few)

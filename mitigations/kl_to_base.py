@@ -1,0 +1,80 @@
+"""kl_to_base: keep the model's predictions close to the base model's on general data (LwF-style distillation).
+
+Penalty each optimizer step: strength * mean over response positions of KL(p_base || p_current), on a
+cycling batch of general examples (self-synthesized rehearsal by default, or any replay source). The base
+model is a frozen copy taken before training (twice the weight memory).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.batching import collate
+from harness.configlib import knob
+from harness.loss import next_token_targets
+from mitigations import register_mitigation
+from mitigations.replay import ReplayConfig, replay_pool
+
+
+@dataclass
+class KLToBaseConfig:
+    strength: float = knob(0.1, "beta: weight of the KL term")
+    source: str = knob("self", "general data: self (rehearsal), a .txt/.jsonl file or a datasets name (as replay)")
+    pool_size: int = knob(32, "distinct general examples")
+    batch_size: int = knob(4, "general examples per optimizer step")
+    max_new_tokens: int = knob(128, "self: answer length when synthesizing")
+    max_seq_len: int = knob(512, "tokens per general example")
+
+    def __post_init__(self):
+        if not self.strength >= 0:
+            raise ValueError(f"strength: must be >= 0, got {self.strength}")
+        if self.batch_size < 1 or self.pool_size < 1:
+            raise ValueError("batch_size and pool_size: must be at least 1")
+
+
+def logits_at_targets(model, batch):
+    keep, _ = next_token_targets(batch["labels"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                 use_cache=False).logits.float()
+
+
+def kl_base_current(base_logits: torch.Tensor, current_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_base || p_current)."""
+    return F.kl_div(F.log_softmax(current_logits, -1), F.log_softmax(base_logits, -1), log_target=True,
+                    reduction="batchmean")
+
+
+@register_mitigation("kl_to_base", KLToBaseConfig)
+class KLToBase:
+    def __init__(self, config: KLToBaseConfig):
+        self.config = config
+        self.base = None
+        self.pool: list = []
+        self.cursor = 0
+        self.last = 0.0
+
+    def prepare(self, model, ctx) -> None:
+        c = self.config
+        source = ReplayConfig(source=c.source, pool_size=c.pool_size, max_new_tokens=c.max_new_tokens,
+                              max_seq_len=c.max_seq_len)
+        self.pool = replay_pool(source, model, ctx)
+        self.base = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def penalty(self, model, ctx) -> torch.Tensor:
+        picked = [self.pool[(self.cursor + i) % len(self.pool)] for i in range(self.config.batch_size)]
+        self.cursor += self.config.batch_size
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate(picked, ctx.tokenizer.pad_token_id).items()}
+        with torch.no_grad():
+            base_logits = logits_at_targets(self.base, batch)
+        kl = kl_base_current(base_logits, logits_at_targets(model, batch))
+        self.last = kl.detach()  # read in report(): no host sync per step
+        return self.config.strength * kl
+
+    def report(self, model, ctx) -> dict:
+        return {"strength": self.config.strength, "source": self.config.source, "pool": len(self.pool),
+                "last_kl": float(self.last)}
