@@ -13,6 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 RESULTS: dict[str, dict] = {}
+BATCH = 16  # built-in-task conversations per optimizer step in every benchmark
+
+
+@pytest.fixture(scope="session")
+def embedded_batch():
+    """(tokenizer with the chat-template format, the first BATCH built-in examples, the embedded model)."""
+    from harness.config import DataConfig, ModelConfig
+    from harness.data import load_conversations, tokenize_all
+    from harness.formats import attach_format
+    from harness.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    attach_format(tokenizer, "chat_template")
+    config = DataConfig(limit=BATCH, max_seq_len=256)
+    examples, _ = tokenize_all(load_conversations(config), tokenizer, config)
+    return tokenizer, examples, load_model(ModelConfig())
 
 
 @pytest.fixture(scope="session")

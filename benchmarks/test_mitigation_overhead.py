@@ -17,23 +17,16 @@ import pytest
 import torch
 
 from harness.batching import collate, target_tokens
-from harness.config import DataConfig, ModelConfig, TrainConfig
-from harness.data import load_conversations, tokenize_all
-from harness.formats import attach_format
+from harness.config import TrainConfig
 from harness.loss import summed_response_loss
-from harness.models import load_model, load_tokenizer
 
-BATCH, ROUNDS = 16, 5
+ROUNDS = 5
 TIMES: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def setup():
-    tokenizer = load_tokenizer(ModelConfig())
-    attach_format(tokenizer, "chat_template")
-    config = DataConfig(limit=BATCH, max_seq_len=256)
-    examples, _ = tokenize_all(load_conversations(config), tokenizer, config)
-    yield tokenizer, examples, load_model(ModelConfig())
+def setup(embedded_batch):
+    yield embedded_batch
     out = Path(os.environ.get("BENCH_RESULTS_DIR", ".benchmarks")) / "mitigation_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(TIMES, indent=2))

@@ -18,23 +18,14 @@ import torch
 
 from harness import builtin_task
 from harness.batching import target_tokens
-from harness.config import DataConfig, ModelConfig
-from harness.data import load_conversations, tokenize_all
-from harness.formats import attach_format
-from harness.models import load_model, load_tokenizer
+from benchmarks.conftest import BATCH
 
-BATCH = 16
 ROUNDS = 5
 
 
-@pytest.fixture(scope="module")
-def setup():
-    tokenizer = load_tokenizer(ModelConfig())
-    attach_format(tokenizer, "chat_template")
-    config = DataConfig(limit=BATCH, max_seq_len=256)
-    examples, _ = tokenize_all(load_conversations(config), tokenizer, config)
-    model = load_model(ModelConfig())
-    return tokenizer, examples, model
+@pytest.fixture
+def setup(embedded_batch):
+    return embedded_batch
 
 
 PRECISIONS = ["fp32", "bf16"]

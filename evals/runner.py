@@ -201,6 +201,9 @@ def load_for_eval(source: str, adapter: str | None = None, model_config=None):
     from harness.config import ModelConfig
     from harness.models import load_model, load_tokenizer
 
+    folder = Path(source)
+    if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        source, adapter = adapter_base(folder), source  # a LoRA checkpoint: evaluate it on its own base
     config = model_config or ModelConfig(name_or_path=source)
     tokenizer = load_tokenizer(config)
     model = load_model(config, for_training=False)
@@ -213,11 +216,22 @@ def load_for_eval(source: str, adapter: str | None = None, model_config=None):
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"--adapter: {adapter} does not fit {source}: {str(err).splitlines()[0]}") from None
-        adapter_tokenizer = Path(adapter) / "tokenizer_config.json"
-        if adapter_tokenizer.is_file():
-            tokenizer = load_tokenizer(ModelConfig(name_or_path=adapter))
+        if (Path(adapter) / "tokenizer_config.json").is_file():  # trained here: carries the training format
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(adapter)
     model.eval()
     return model, tokenizer
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model of a PEFT adapter directory: from its saved training config, else from adapter_config.json."""
+    import yaml
+
+    config_file = folder / "forgetting_config.yaml"
+    if config_file.is_file():
+        return yaml.safe_load(config_file.read_text())["model"]["name_or_path"]
+    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def headline(results: dict) -> list[tuple[str, str, float, float | None]]:

@@ -23,9 +23,9 @@ TEMPLATES = ["Explain {} in simple terms.", "Give me three facts about {}.", "Wr
 SUBJECTS = ["photosynthesis", "volcanoes", "the water cycle", "regular exercise", "saving money", "the human heart",
             "electricity", "the Roman Empire", "recycling", "gravity", "healthy eating", "the solar system",
             "how computers work", "climate", "the printing press", "vaccines", "earthquakes", "democracy",
-            "the internet", "sleep", "friendship", "chess", "rainforests", "the alphabet", "money",
+            "the internet", "sleep", "glaciers", "chess", "rainforests", "the alphabet", "money",
             "the immune system", "magnets", "weather forecasts", "the Olympic games", "clouds", "fractions",
-            "the piano", "bridges", "dinosaurs", "the ocean tides", "public libraries", "coffee", "honesty",
+            "the piano", "bridges", "dinosaurs", "the ocean tides", "public libraries", "the compass", "honesty",
             "maps", "the seasons", "wind power", "writing a letter"]
 
 

@@ -194,12 +194,18 @@ def test_base_plus_peft_adapter_goes_through_the_same_path(tiny_eval_model, tmp_
             if "lora_B" in name:
                 param.fill_(0.01)  # a non-trivial adapter
     peft_model.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), base_model_name_or_path=str(base_dir))))
 
     base, base_tok = load_for_eval(str(base_dir))
     adapted, _ = load_for_eval(str(base_dir), adapter=str(adapter_dir))
     assert weights_fingerprint(adapted) != weights_fingerprint(base)
     results = evaluate(adapted, base_tok, EvalSettings(tasks=["forgetting_knowledge"], limit=2, batch_size=2))
     assert "acc,none" in results["results"]["forgetting_knowledge"]
+    # an adapter directory alone is evaluated on the base its adapter_config.json names
+    alone, _ = load_for_eval(str(adapter_dir))
+    assert weights_fingerprint(alone) == weights_fingerprint(adapted)
     with pytest.raises(UserError, match="not a PEFT adapter directory"):
         load_for_eval(str(base_dir), adapter=str(base_dir))
 

@@ -10,7 +10,8 @@ METRICS = [("forgetting_knowledge", "acc"), ("forgetting_ifeval", "prompt_level_
            ("forgetting_format_health", "response_words")]
 
 root = Path(sys.argv[1])
-names = [n for n in ("base", "aggressive", "lora", "replay") if (root / n / "eval_full.json").is_file()]
+names = [n for n in ("base", "aggressive", "lora", "replay")
+         if all((root / n / part).is_file() for part in ("eval_full.json", "eval_gen.json"))]
 results = {}
 for name in names:
     merged = {}
