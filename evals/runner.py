@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -247,15 +247,8 @@ def headline(results: dict) -> list[tuple[str, str, float, float | None]]:
     return rows
 
 
-@dataclass
-class SavedResults:
-    path: Path
-    data: dict = field(repr=False)
-
-
-def save_results(results: dict, path: Path, overwrite: bool = False) -> SavedResults:
+def save_results(results: dict, path: Path, overwrite: bool = False) -> None:
     """Write results JSON atomically; refuse to replace an existing file unless asked."""
     if path.exists() and not overwrite:
         raise UserError(f"{path}: exists; pass --overwrite to replace it or choose another --output")
     atomic_write_json(path, results)
-    return SavedResults(path, results)
