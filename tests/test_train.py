@@ -174,3 +174,14 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RunError, match=r"non-finite loss \(.*\) or gradient norm \(.*\) at step \d; not applied"):
         train(job(tmp_path, "train.lr=1e30", "train.max_steps=3", "train.grad_clip=null", "train.warmup_ratio=0",
                   "train.adam_eps=1e-30"))
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(train_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(UserError, match=r"train\.tensorboard: the tensorboard package is not installed"):
+        train(job(tmp_path, "train.tensorboard=true"))
+    assert not (tmp_path / "run").exists()
