@@ -245,6 +245,7 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
             lambda: hook_results(mitigations, "penalty", model, ctx))
         padded_total += padded
         real_total += real
+        hook_results(mitigations, "penalty_grad", model, ctx)
         grad_norm = accelerator.clip_grad_norm_(trainable, t.grad_clip or math.inf)
         step_loss = accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes
         last_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync

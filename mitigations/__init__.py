@@ -7,7 +7,10 @@ order the config lists the mitigations. Hooks return values; the loop decides wh
     param_groups(model, ctx) -> [dict]      optimizer parameter groups (per-group lr, weight decay)
     mix_data(examples, model, ctx) -> [Ex]  the training examples with extra ones mixed in (replay)
     prepare(model, ctx) -> None             before the first step: snapshot anchors, estimate Fisher
-    penalty(model, ctx) -> Tensor           added to the loss once per optimizer step (EWC, L2-SP, KL)
+    penalty(model, ctx) -> Tensor           added to the loss once per optimizer step (L2-SP, KL)
+    penalty_grad(model, ctx) -> None        adds a penalty's exact gradient to the trainable parameters' .grad in
+                                            one fused pass, for penalties whose value is costly to form every
+                                            step (EWC); called after backward, before clipping
     export(model, ctx) -> {name: model}     after training: extra models saved as final/<name> (merged LoRA)
     report(model, ctx) -> dict              after training: numbers recorded beside the run's results
 
@@ -26,7 +29,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from harness.configlib import from_dict
 from harness.errors import UserError
 
-HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "export", "report")
+HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "penalty_grad", "export", "report")
 
 
 @runtime_checkable

@@ -186,19 +186,26 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_matches_the_formula(tokenizer, ma
                           accelerator=Accelerator(cpu=True), job=None)
     ewc = EWC(EWCConfig(strength=3.0, samples=6, data="sft"))
     ewc.prepare(model, ctx)
-    assert ewc.penalty(model, ctx).item() == 0.0
+    assert ewc.value(model).item() == 0.0
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     params = [p for p in model.parameters()]
     by_hand = 0.5 * 3.0 * sum(float((f * (p - a) ** 2).sum()) for f, p, a in zip(ewc.fisher, params, ewc.anchor))
-    assert ewc.penalty(model, ctx).item() == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
+    assert ewc.value(model).item() == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
+    # the gradient added in training is the exact gradient of that value
+    expected = torch.autograd.grad(ewc.value(model), params)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    ewc.penalty_grad(model, ctx)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e + 0.5, rtol=1e-5, atol=1e-7)
 
     # l2sp is ewc with F = 1
     l2sp = L2SP(L2SPConfig(strength=3.0))
     l2sp.anchor = ewc.anchor
     ewc.fisher = [torch.ones_like(f) for f in ewc.fisher]
-    assert l2sp.penalty(model, ctx).item() == pytest.approx(ewc.penalty(model, ctx).item(), rel=1e-6)
+    assert l2sp.penalty(model, ctx).item() == pytest.approx(ewc.value(model).item(), rel=1e-6)
 
     # the saved Fisher and anchor are reused as they are
     reused = EWC(EWCConfig(strength=3.0, fisher_path=str(tmp_path / "ewc_fisher.safetensors")))
@@ -304,3 +311,15 @@ def test_bad_mitigation_configs(tmp_path, spec, pattern):
 def test_lora_on_missing_modules_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=r"lora target_modules \['query'\] are not in the model"):
         train(job(tmp_path, "mitigations=[{name: lora, target_modules: [query]}]"))
+
+
+def test_ewc_training_stays_closer_to_the_anchor_in_fisher_distance(tmp_path, make_tiny):
+    start = make_tiny().state_dict()
+    free = final_weights(train(job(tmp_path, "train.max_steps=6", name="free")))
+    pulled = train(job(tmp_path, "train.max_steps=6",
+                       "mitigations=[{name: ewc, strength: 100.0, samples: 4, data: sft, normalize: mean}]",
+                       name="ewc"))
+    fisher = {k[len("fisher."):]: v for k, v in load_file(str(tmp_path / "ewc" / "ewc_fisher.safetensors")).items()
+              if k.startswith("fisher.")}
+    distance = lambda w: sum(float((fisher[n] * (w[n] - start[n]) ** 2).sum()) for n in fisher if n in w)  # noqa: E731
+    assert distance(final_weights(pulled)) < 0.5 * distance(free)
