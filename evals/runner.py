@@ -247,8 +247,13 @@ def headline(results: dict) -> list[tuple[str, str, float, float | None]]:
     return rows
 
 
-def save_results(results: dict, path: Path, overwrite: bool = False) -> None:
-    """Write results JSON atomically; refuse to replace an existing file unless asked."""
+def refuse_overwrite(path: Path, overwrite: bool) -> None:
+    """A results file is never replaced silently."""
     if path.exists() and not overwrite:
         raise UserError(f"{path}: exists; pass --overwrite to replace it or choose another --output")
+
+
+def save_results(results: dict, path: Path, overwrite: bool = False) -> None:
+    """Write results JSON atomically; refuse to replace an existing file unless asked."""
+    refuse_overwrite(path, overwrite)
     atomic_write_json(path, results)

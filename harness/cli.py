@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from harness.errors import HarnessError, UserError
+from harness.errors import HarnessError
 
 FLAGS = "--debug shows tracebacks. Overrides are dotted keys, e.g. train.lr=1e-5 data.format=chatml."
 
@@ -81,13 +81,12 @@ def cmd_data(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from evals.runner import EvalSettings, evaluate, headline, load_for_eval, save_results
+    from evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse_overwrite, save_results
     from harness.configlib import from_dict
     from harness.models import cache_root
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise UserError(f"{output}: exists; pass --overwrite to replace it or choose another --output")
+    refuse_overwrite(output, args.overwrite)  # before the (long) evaluation, not only when saving
     fields = {"tasks": [t for t in args.tasks.split(",") if t], "limit": args.limit,
               "batch_size": args.batch_size, "apply_chat_template": not args.no_chat_template,
               "include_path": args.include_path or []}

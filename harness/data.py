@@ -32,7 +32,7 @@ def _read_text_lines(path: Path) -> Iterator[tuple[int, str]]:
             raise UserError(f"{path}:{number}: not valid UTF-8 (byte {err.start} of the line)") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+def read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
     for number, line in _read_text_lines(path):
         if not line.strip():
             continue
@@ -45,7 +45,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
         yield row, f"{path}:{number}"
 
 
-def _read_json(path: Path) -> Iterator[tuple[dict, str]]:
+def read_json(path: Path) -> Iterator[tuple[dict, str]]:
     text = "\n".join(line for _, line in _read_text_lines(path))
     try:
         rows = json.loads(text)
@@ -117,7 +117,7 @@ def read_rows(config: DataConfig) -> Iterator[tuple[dict, str]]:
     if path.is_file():
         if kind is None:
             raise UserError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(FILE_TYPES)}")
-        reader = {"jsonl": _read_jsonl, "json": _read_json}.get(kind)
+        reader = {"jsonl": read_jsonl, "json": read_json}.get(kind)
         yield from reader(path) if reader else _read_table(path, kind)
     elif path.is_dir() or (kind is None and not config.path.startswith((".", "/", "~"))):
         yield from _read_hub(config)  # a local dataset folder, or a hub name

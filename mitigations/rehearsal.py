@@ -94,15 +94,15 @@ def read_texts(source: str, split: str, field: str, limit: int) -> list[str]:
             raise UserError(f"mitigations: replay source {path} not found")
         texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     elif path.suffix in (".jsonl", ".json"):
+        from harness.data import read_json, read_jsonl
+
         if not path.is_file():
             raise UserError(f"mitigations: replay source {path} not found")
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row.get(field), str):
-                    raise UserError(f"{path}:{number}: replay text field {field!r} missing or not a string")
-                texts.append(row[field])
+        for row, where in (read_jsonl if path.suffix == ".jsonl" else read_json)(path):
+            if not isinstance(row.get(field), str):
+                raise UserError(f"{where}: replay text field {field!r} missing or not a string")
+            texts.append(row[field])
     else:
         import datasets
 

@@ -259,6 +259,12 @@ def test_plain_text_replay_gets_full_sequence_labels(tokenizer, tmp_path):
     texts = read_texts(str(tmp_path / "general.txt"), "train", "text", 10)
     example = text_example(tokenizer, texts[0], 64)
     assert texts == ["The sun is a star.", "Water is wet."]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
+        read_texts(str(tmp_path / "bad.jsonl"), "train", "text", 10)
+    (tmp_path / "list.json").write_text('[{"text": "a"}, {"body": "b"}]')
+    with pytest.raises(UserError, match=r"list\.json: record 2: replay text field 'text' missing"):
+        read_texts(str(tmp_path / "list.json"), "train", "text", 10)
     assert example.labels == example.input_ids and example.input_ids[-1] == tokenizer.eos_token_id
 
 
