@@ -32,6 +32,7 @@ SUITE = ["forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forg
 class EvalSettings:
     tasks: list[str] = knob(["forgetting_suite"], "lm-eval task or group names (the offline suite by default)")
     limit: Optional[int] = knob(None, "evaluate only the first N documents of each task")
+    subsample: dict[str, int] = knob({}, "per task: evaluate N documents spread evenly over it (every category stays represented)")
     batch_size: int = knob(16, "lm-eval batch size (set on HFLM: simple_evaluate ignores it for model objects)")
     max_length: int = knob(2048, "context length for lm-eval (tokens)")
     apply_chat_template: bool = knob(True, "wrap prompts in the model's chat template (the training format)")
@@ -47,6 +48,9 @@ class EvalSettings:
             raise ValueError("tasks: at least one task is needed")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be at least 1, got {self.limit}")
+        for task, n in self.subsample.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"subsample.{task}: expected a number of documents >= 1, got {n!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
 
@@ -102,7 +106,8 @@ def cache_key(fingerprint: str, task, settings: EvalSettings, chat_template: str
     config = task.config.to_dict() if hasattr(task.config, "to_dict") else asdict(task.config)
     parts = {"weights": fingerprint, "task": task.config.task, "version": task.VERSION,
              "config": json.dumps(config, sort_keys=True, default=str), "docs": _docs_hash(task),
-             "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path")},
+             "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path", "subsample")},
+             "subsample": settings.subsample.get(task.config.task),
              "chat_template": chat_template if settings.apply_chat_template else None,
              "lm_eval": lm_eval.__version__}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
@@ -129,13 +134,24 @@ def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
+    samples = None
+    if settings.subsample:  # lm-eval takes either a limit or explicit document indices, not both
+        samples = {task.config.task: document_indices(len(task.eval_docs), settings.subsample.get(task.config.task),
+                                                      settings.limit) for task in tasks}
     output = simple_evaluate(
-        model=lm, tasks=tasks, limit=settings.limit, num_fewshot=settings.num_fewshot, log_samples=True,
+        model=lm, tasks=tasks, limit=None if samples else settings.limit, samples=samples, num_fewshot=settings.num_fewshot, log_samples=True,
         apply_chat_template=settings.apply_chat_template, system_instruction=settings.system_instruction,
         fewshot_as_multiturn=settings.fewshot_as_multiturn, bootstrap_iters=settings.bootstrap_iters,
         random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
         fewshot_random_seed=settings.seed)
     return output
+
+
+def document_indices(total: int, subsample: int | None, limit: int | None) -> list[int]:
+    """Sorted indices of the documents to evaluate: `subsample` spread evenly, else the first `limit`, else all."""
+    if subsample is not None and subsample < total:
+        return sorted({(i * total) // subsample for i in range(subsample)})
+    return list(range(min(total, limit) if limit is not None else total))
 
 
 def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = None) -> dict:

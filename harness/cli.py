@@ -4,6 +4,8 @@
     forgetting config [CONFIG.yaml] [key=value ...] print the resolved config (validates it); --reference: all knobs
     forgetting data CONFIG.yaml [key=value ...]    data statistics and the first example with its loss mask
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
+    forgetting run EXPERIMENT.yaml [key=value ...] [--quick]   base eval, strategies x seeds, reports (resumes)
+    forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
 
 Bad input exits 2 and runtime failures exit 1, each with one line on stderr; `--debug` shows the traceback.
 """
@@ -103,6 +105,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from harness.experiment import load_experiment
+    from harness.pipeline import run_experiment
+    from reports import headline
+
+    exp = load_experiment(args.config, args.overrides, quick=args.quick)
+    run_dir = run_experiment(exp)
+    print(headline(run_dir))
+    print(f"reports: {run_dir / 'reports' / 'report.html'} (and forgetting.md, instruction_following.md); "
+          f"tidy table: {run_dir / 'results.csv'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from reports import headline, write_reports
+
+    run_dir = write_reports(Path(args.run_dir))
+    print(headline(run_dir))
+    print(f"reports written to {run_dir / 'reports'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetting", description="Measure and mitigate forgetting in SFT.",
                                      epilog=FLAGS)
@@ -121,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     config = add("config", cmd_config, "print the resolved config, or every knob with --reference", False)
     config.add_argument("--reference", action="store_true", help="print every config key with its default and meaning")
     add("data", cmd_data, "show data statistics and the loss mask of the first example")
+    run = add("run", cmd_run, "run an experiment: evaluate the base, train and evaluate every strategy x seed, "
+                              "write the reports; a rerun resumes")
+    run.add_argument("--quick", action="store_true",
+                     help="smoke run: 2 steps, 8 documents per task, the first seed, output_dir + '-quick'")
+    rep = commands.add_parser("report", help="regenerate the reports of a run directory without retraining",
+                              description="Rebuild tables, plots and reports of RUN_DIR from its saved results.",
+                              epilog=FLAGS)
+    rep.add_argument("run_dir", help="the experiment's output_dir")
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    rep.set_defaults(func=cmd_report, config=None, overrides=[])
     ev = commands.add_parser("eval", help="evaluate a model or checkpoint with lm-eval (offline suite by default)",
                              description="Evaluate MODEL (checkpoint dir, hub id, .gguf, embedded:...) with lm-eval.",
                              epilog=FLAGS)
@@ -166,6 +202,7 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom datasets and defaults
     hf_logging.disable_progress_bar()
 
 

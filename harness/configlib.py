@@ -9,6 +9,7 @@ dataclass's `__post_init__` and raise `ValueError`; they are reported with the s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -155,7 +156,7 @@ def _looks_like_float(text: str) -> bool:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return a copy of nested dict `data` with each `key=value` override applied."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node = data

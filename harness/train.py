@@ -183,7 +183,7 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
               f"{data_stats.target_tokens} of {data_stats.tokens} tokens are response tokens", flush=True)
 
     # ---- model and mitigations
-    model = load_model(job.model, for_training=True, vocab_size=len(tokenizer), seed=job.train.seed)
+    model = load_model(job.model, for_training=True, vocab_size=len(tokenizer))  # the same base whatever the seed
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

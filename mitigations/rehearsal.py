@@ -59,15 +59,39 @@ def synthesize(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_
     return [a.strip() for a in answers]
 
 
+def _shared_cache(model, tokenizer, prompts: list[str], max_new_tokens: int) -> Path:
+    """Where the answers of these weights (adapters excluded: they start as a no-op) to these prompts are kept."""
+    import hashlib
+
+    from harness.models import cache_root
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            digest.update(name.encode() + tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps([prompts, max_new_tokens, tokenizer.chat_template]).encode())
+    return cache_root() / "rehearsal" / f"{digest.hexdigest()}.jsonl"
+
+
 def self_rehearsal(model, tokenizer, format_name: str, count: int, max_new_tokens: int, max_seq_len: int,
                    cache_file: Path | None) -> list[Example]:
-    """Examples from the model's own answers to general prompts; cached in `cache_file` (JSONL) for resumes."""
+    """Examples from the model's own answers to general prompts.
+
+    The answers are kept in `cache_file` (JSONL, the run's own copy, read back on resume) and in a shared
+    cache keyed by the weights, prompts and template, so the strategies and seeds of an experiment that
+    start from the same model synthesize them once.
+    """
     if cache_file is not None and cache_file.is_file():
         pairs = [json.loads(line) for line in cache_file.read_text().splitlines()]
     else:
         prompts = general_prompts(count)
-        pairs = [{"prompt": p, "response": a}
-                 for p, a in zip(prompts, synthesize(model, tokenizer, prompts, max_new_tokens)) if a]
+        shared = _shared_cache(model, tokenizer, prompts, max_new_tokens)
+        if shared.is_file():
+            pairs = [json.loads(line) for line in shared.read_text().splitlines()]
+        else:
+            pairs = [{"prompt": p, "response": a}
+                     for p, a in zip(prompts, synthesize(model, tokenizer, prompts, max_new_tokens)) if a]
+            atomic_write_text(shared, "".join(json.dumps(p) + "\n" for p in pairs))
         if cache_file is not None:
             atomic_write_text(cache_file, "".join(json.dumps(p) + "\n" for p in pairs))
     if not pairs:

@@ -1,0 +1,180 @@
+"""An experiment: one base model, one SFT recipe, several strategies x seeds, one evaluation suite.
+
+    forgetting run configs/experiment.yaml [key=value ...]
+
+A strategy is a named list of mitigations plus optional job overrides; `sweep` turns one strategy into
+several, one per combination of values, so one config answers "how much data" (`data.limit`), "what
+mixture" (`replay.ratio`) or "does the format matter" (`data.format`). Each (strategy variant, seed) is a
+*unit*: a `TrainJob` trained into `<output_dir>/units/<unit id>/train` and evaluated there.
+
+Everything is validated when the file is loaded, before any model is touched: unknown keys, mitigations
+or sweep axes, duplicate strategy names, bad overrides (each unit's job is built and checked).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from evals.runner import EvalSettings
+from harness.config import DataConfig, ModelConfig, TrainConfig, TrainJob
+from harness.configlib import from_dict, knob, load_config, parse_override, to_dict
+from harness.errors import UserError
+
+# The primary metric of each suite task: what the forgetting report compares (other tasks: their first metric).
+PRIMARY_METRICS = {"forgetting_knowledge": "acc", "forgetting_ifeval": "prompt_level_strict_acc",
+                   "forgetting_target": "exact_match", "forgetting_prose": "bits_per_byte",
+                   "forgetting_format_health": "leak_rate"}
+# `--quick`: a smoke run of any experiment (minutes on a CPU): few steps, few documents, the first seed.
+QUICK_OVERRIDES = ["train.max_steps=2", "train.save_every=0", "eval.limit=8", "eval.subsample={}"]
+
+
+@dataclass
+class Strategy:
+    name: str = knob(None, "label in reports and the unit directory name (letters, digits, _ - .)")
+    mitigations: list[dict[str, Any]] = knob([], "mitigations, e.g. [{name: lora, r: 16}]; [] is the naive baseline")
+    overrides: dict[str, Any] = knob({}, "job keys changed for this strategy only, e.g. {train.lr: 1e-4}")
+    sweep: dict[str, list] = knob({}, "axis -> values: a job key (data.limit, data.format, train.lr) or <mitigation>.<field> (replay.ratio)")
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
+            raise ValueError(f"name: expected letters, digits, '_', '-' or '.', got {self.name!r}")
+        for axis, values in self.sweep.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep.{axis}: expected a non-empty list of values, got {values!r}")
+
+
+@dataclass
+class Experiment:
+    name: str = knob("experiment", "title of the reports")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the SFT data (shared by all strategies)"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training recipe (shared)"})
+    eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "lm-eval tasks and settings, before and after"})
+    strategies: list[dict[str, Any]] = knob([{"name": "naive"}], "strategies to compare (see Strategy)")
+    seeds: list[int] = knob([0], "training seeds; every strategy runs once per seed")
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "weights dtype for evaluation (training keeps fp32 master weights); auto: bf16 on a capable GPU, else fp32")
+    target_task: Optional[str] = knob("forgetting_target", "the task that measures what the SFT teaches (a gain, not forgetting); null: none")
+    primary_metrics: dict[str, str] = knob({}, "task -> metric the reports compare (defaults: the suite's own; else the task's first metric)")
+    keep_models: bool = knob(True, "keep each unit's final model (false: delete the weights once evaluated)")
+    output_dir: str = knob("runs/experiment", "the run directory: results, reports, per-unit checkpoints and logs")
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct integers, got {self.seeds}")
+        parsed = [from_dict(Strategy, s, f"strategies[{i}]") for i, s in enumerate(self.strategies)]
+        if not parsed:
+            raise ValueError("strategies: at least one strategy is needed (e.g. [{name: naive}])")
+        names = [s.name for s in parsed]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"strategies: the name {name!r} is used {names.count(name)} times")
+        self.strategy_list = parsed
+        units(self)  # builds and validates every unit's job
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One training run of the experiment: a strategy variant and a seed."""
+
+    id: str  # directory name under units/
+    strategy: str  # the variant's label, e.g. "replay[ratio=0.3]"
+    family: str  # the strategy's name before sweeping
+    axes: dict  # sweep axis -> value for this variant
+    seed: int
+    job: TrainJob
+
+
+def _variants(strategy: Strategy) -> list[dict]:
+    axes = list(strategy.sweep)
+    return [dict(zip(axes, combo)) for combo in itertools.product(*(strategy.sweep[a] for a in axes))]
+
+
+def _label(name: str, axes: dict) -> str:
+    if not axes:
+        return name
+    return name + "[" + ",".join(f"{a.split('.')[-1]}={v}" for a, v in axes.items()) + "]"
+
+
+def _unit_id(label: str, seed: int) -> str:
+    flat = label.replace("[", "__").replace("]", "").replace("=", "-").replace(",", "_")
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", flat).strip("_") + f"__seed{seed}"
+
+
+def _set_path(data: dict, dotted: str, value: Any, where: str) -> None:
+    keys, _ = parse_override(f"{dotted}=0")
+    node = data
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise UserError(f"{where}: {dotted!r} is not a job key (model.*, data.*, train.*)")
+        node = node[key]
+    if keys[-1] not in node:
+        raise UserError(f"{where}: {dotted!r} is not a job key (model.*, data.*, train.*)")
+    node[keys[-1]] = value
+
+
+def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_dir: str, where: str) -> TrainJob:
+    """The TrainJob of one unit: shared recipe + strategy overrides + sweep values + seed, validated."""
+    data = {"model": to_dict(exp.model), "data": to_dict(exp.data), "train": to_dict(exp.train)}
+    mitigations = copy.deepcopy(strategy.mitigations)
+    for key, value in strategy.overrides.items():
+        _set_path(data, key, value, f"{where}.overrides")
+    for axis, value in axes.items():
+        head = axis.split(".")[0]
+        if head in ("model", "data", "train"):
+            _set_path(data, axis, value, f"{where}.sweep")
+            continue
+        spec = next((m for m in mitigations if isinstance(m, dict) and m.get("name") == head), None)
+        if spec is None or "." not in axis:
+            raise UserError(f"{where}.sweep: axis {axis!r} is neither a job key (data.limit, train.lr, ...) nor "
+                            f"<mitigation>.<field> of a mitigation this strategy lists")
+        spec[axis.split(".", 1)[1]] = value
+    data["train"]["seed"] = seed
+    data["mitigations"] = mitigations
+    data["output_dir"] = output_dir
+    return from_dict(TrainJob, data, where)
+
+
+def units(exp: Experiment) -> list[Unit]:
+    """Every (strategy variant, seed) of the experiment, in config order."""
+    out = []
+    for i, strategy in enumerate(exp.strategy_list):
+        for axes in _variants(strategy):
+            label = _label(strategy.name, axes)
+            for seed in exp.seeds:
+                unit_id = _unit_id(label, seed)
+                job = unit_job(exp, strategy, axes, seed, f"{exp.output_dir}/units/{unit_id}/train",
+                               f"strategies[{i}] ({strategy.name})")
+                out.append(Unit(unit_id, label, strategy.name, axes, seed, job))
+    ids = [u.id for u in out]
+    for unit_id in ids:
+        if ids.count(unit_id) > 1:
+            raise UserError(f"strategies: two variants share the directory name {unit_id!r}; rename one")
+    return out
+
+
+def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = False) -> Experiment:
+    """The experiment from YAML + `key=value` overrides (+ the quick preset), validated."""
+    overrides = list(overrides)
+    if quick:
+        import yaml
+
+        from harness.configlib import read_yaml
+
+        raw = read_yaml(path) if path else {}
+        first_seed = (raw.get("seeds") or [0])[:1]
+        output = raw.get("output_dir", "runs/experiment")
+        overrides = [*QUICK_OVERRIDES, f"seeds={yaml.safe_dump(first_seed, default_flow_style=True).strip()}",
+                     f"output_dir={output}-quick", *overrides]
+    return load_config(Experiment, path, overrides)
+
+
+def primary_metric(exp: Experiment, task: str, available: list[str]) -> str | None:
+    """The metric the reports compare for `task`."""
+    wanted = exp.primary_metrics.get(task) or PRIMARY_METRICS.get(task)
+    if wanted in available:
+        return wanted
+    return available[0] if available else None

@@ -1,0 +1,277 @@
+"""`forgetting run`: base evaluation once, then train + evaluate every unit, then the tidy table and reports.
+
+Layout of the run directory (`experiment.output_dir`):
+    experiment.yaml        the resolved experiment (a rerun with a different one is refused)
+    environment.json       python, packages, device, git commit; one entry per (re)start
+    data_hashes.json       BLAKE2 of every distinct SFT dataset (the parsed conversations) and held-out split
+    manifest.json          finished units with their status, timings and evaluation counts
+    base/eval.json         lm-eval results (with samples) of the base model
+    units/<id>/train/      the unit's training output_dir: metrics.jsonl, checkpoints, final/ (model or adapter)
+    units/<id>/eval.json   lm-eval results of the unit's final model (eval_<variant>.json for WiSE-FT points)
+    units/<id>/log.txt     everything the unit printed
+    results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.write_reports`
+A rerun resumes: finished units are skipped, an interrupted unit continues from its last checkpoint,
+evaluations already done are read back from the result cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from harness.configlib import to_dict
+from harness.errors import RunError, UserError
+from harness.experiment import Experiment, Unit, units
+from harness.io import atomic_write_json, atomic_write_yaml
+
+EXPERIMENT_FILE = "experiment.yaml"
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval", "pandas", "numpy")
+
+
+def _comparable(config: dict) -> dict:
+    return dict(config, train={k: v for k, v in config["train"].items() if k != "progress"})
+
+
+def _first_difference(old, new, path: str = "") -> str:
+    """`path: old in the run, new now` for the first place two resolved configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                return _first_difference(a, b, f"{path}[{i}]")
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) < 60 else text[:57] + "..."
+
+    return f"{path}: {short(old)} in the run, {short(new)} now"
+
+
+def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
+    """Create the run directory or check it holds this same experiment; True when resuming."""
+    import yaml
+
+    resolved = to_dict(exp)
+    saved = run_dir / EXPERIMENT_FILE
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        if _comparable(old) != _comparable(resolved):
+            raise UserError(f"{run_dir}: holds a different experiment ({_first_difference(_comparable(old), _comparable(resolved))}); "
+                            f"rerun with the same config to resume, or choose another output_dir")
+        return True
+    if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise UserError(f"{run_dir}: exists and is not a run directory of this tool; choose another output_dir")
+    atomic_write_yaml(saved, resolved)
+    return False
+
+
+def environment() -> dict:
+    """What produced the results: interpreter, package versions, device, git commit of this checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            versions[name] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": sys.version.split()[0],
+            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
+            "packages": versions, "git_commit": commit, "argv": sys.argv}
+
+
+def _append_environment(run_dir: Path) -> None:
+    path = run_dir / "environment.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    atomic_write_json(path, history + [environment()])
+
+
+def data_hashes(unit_list: list[Unit]) -> dict:
+    """BLAKE2 of each distinct dataset the units train or are held out on; loading them validates the files."""
+    from harness.data import load_conversations
+
+    out = {}
+    for unit in unit_list:
+        for role, config in (("train", unit.job.data), ("heldout", unit.job.data.heldout())):
+            if config is None:
+                continue
+            key = json.dumps({"path": config.path, "split": config.split, "limit": config.limit,
+                              "schema": config.schema}, sort_keys=True)
+            if key in out:
+                out[key]["units"].append(unit.id)
+                continue
+            conversations = load_conversations(config)
+            digest = hashlib.blake2b(json.dumps(conversations, sort_keys=True).encode(), digest_size=16).hexdigest()
+            out[key] = {"role": role, "path": config.path, "split": config.split, "limit": config.limit,
+                        "records": len(conversations), "blake2": digest, "units": [unit.id]}
+    return {"datasets": list(out.values())}
+
+
+class Manifest:
+    """`manifest.json`: the finished units (done or failed), rewritten atomically after each change."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"units": {}, "evaluations": []}
+
+    def done(self, key: str) -> bool:
+        return self.data["units"].get(key, {}).get("status") == "done"
+
+    def record(self, key: str, **fields) -> None:
+        self.data["units"][key] = fields
+        atomic_write_json(self.path, self.data)
+
+    def count_evaluation(self, model: str, results: dict) -> None:
+        """One entry per model evaluation: which tasks ran and which came from the result cache."""
+        meta = results["forgetting"]
+        self.data["evaluations"].append({"model": model, "evaluated": meta["evaluated"], "cached": meta["cache_hits"]})
+        atomic_write_json(self.path, self.data)
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self):
+        return False
+
+
+@contextmanager
+def tee_output(path: Path):
+    """Copy everything printed (stdout and stderr) into `path` while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def evaluate_model(exp: Experiment, source: Path | str, manifest: Manifest, label: str, adapter: bool = False) -> dict:
+    """lm-eval results of a base model, a checkpoint directory or a LoRA adapter directory (cached)."""
+    from evals.runner import evaluate, load_for_eval
+    from harness.models import cache_root
+
+    base = replace(exp.model, dtype=exp.eval_dtype)
+    if adapter:
+        model, tokenizer = load_for_eval(base.name_or_path, adapter=str(source), model_config=base)
+    elif str(source) == base.name_or_path:
+        model, tokenizer = load_for_eval(str(source), model_config=base)
+    else:  # a full checkpoint: the base's loading options (dtype, attention) on the saved weights
+        config = replace(base, name_or_path=str(source), gguf_file=None, revision=None)
+        model, tokenizer = load_for_eval(str(source), model_config=config)
+    results = evaluate(model, tokenizer, exp.eval, cache_dir=cache_root() / "eval")
+    manifest.count_evaluation(label, results)
+    return results
+
+
+def _wise_ft_points(final_dir: Path) -> list[Path]:
+    return sorted(p for p in final_dir.glob("wise_ft_*") if (p / "config.json").is_file())
+
+
+def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest) -> dict:
+    """Train (or resume) one unit, evaluate its final model and any WiSE-FT points; return its record."""
+    from harness.train import train
+
+    unit_dir = run_dir / "units" / unit.id
+    started = time.perf_counter()
+    result = train(unit.job)
+    trained = time.perf_counter()
+    final = result.final_dir
+    is_adapter = (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
+    variants = {"final": (final, is_adapter)} | {p.name: (p, False) for p in _wise_ft_points(final)}
+    for variant, (source, adapter) in variants.items():
+        target = unit_dir / ("eval.json" if variant == "final" else f"eval_{variant}.json")
+        if not target.is_file():
+            atomic_write_json(target, evaluate_model(exp, source, manifest, f"{unit.id}/{variant}", adapter=adapter))
+    if not exp.keep_models:
+        for path in [final, *_wise_ft_points(final)]:
+            for weights in path.glob("*.safetensors"):
+                weights.unlink()
+    return {"status": "done", "strategy": unit.strategy, "seed": unit.seed, "steps": result.steps,
+            "train_seconds": round(trained - started, 1), "eval_seconds": round(time.perf_counter() - trained, 1),
+            "variants": sorted(variants), "heldout_loss": result.heldout_loss,
+            "mitigation_reports": result.mitigation_reports}
+
+
+def run_experiment(exp: Experiment) -> Path:
+    """The whole experiment, resumable; returns the run directory."""
+    from reports import write_reports
+
+    run_dir = Path(exp.output_dir)
+    unit_list = units(exp)
+    _preflight(exp, unit_list)
+    resuming = open_run_dir(exp, run_dir)
+    _append_environment(run_dir)
+    if not (run_dir / "data_hashes.json").is_file():
+        atomic_write_json(run_dir / "data_hashes.json", data_hashes(unit_list))
+    manifest = Manifest(run_dir)
+    print(f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
+          f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}", flush=True)
+
+    if not manifest.done("base"):
+        started = time.perf_counter()
+        with tee_output(run_dir / "base" / "log.txt"):
+            print(f"evaluating the base model {exp.model.name_or_path}", flush=True)
+            atomic_write_json(run_dir / "base" / "eval.json", evaluate_model(exp, exp.model.name_or_path, manifest, "base"))
+        manifest.record("base", status="done", eval_seconds=round(time.perf_counter() - started, 1))
+    for index, unit in enumerate(unit_list, 1):
+        if manifest.done(unit.id):
+            print(f"[{index}/{len(unit_list)}] {unit.id}: done earlier", flush=True)
+            continue
+        print(f"[{index}/{len(unit_list)}] {unit.id}", flush=True)
+        try:
+            with tee_output(run_dir / "units" / unit.id / "log.txt"):
+                record = run_unit(exp, unit, run_dir, manifest)
+        except RunError as err:  # e.g. a non-finite loss: this unit failed, the others go on
+            print(f"[{index}/{len(unit_list)}] {unit.id} failed: {err}", file=sys.stderr, flush=True)
+            record = {"status": "failed", "strategy": unit.strategy, "seed": unit.seed, "error": str(err)}
+        manifest.record(unit.id, **record)
+    return write_reports(run_dir)
+
+
+def _preflight(exp: Experiment, unit_list: list[Unit]) -> None:
+    """Checks that need more than the config file, done before anything is written or trained."""
+    from evals.runner import leaf_tasks, task_manager
+
+    leaves = leaf_tasks(task_manager(exp.eval), exp.eval.tasks)
+    for task in exp.eval.subsample:
+        if task not in leaves:
+            raise UserError(f"eval.subsample: {task!r} is not one of the evaluated tasks ({', '.join(leaves)})")
+    if exp.target_task is not None and exp.target_task not in leaves:
+        raise UserError(f"target_task: {exp.target_task!r} is not one of the evaluated tasks ({', '.join(leaves)}); "
+                        f"add it to eval.tasks or set target_task: null")
+    for unit in unit_list:
+        path = unit.job.data.path
+        if Path(path).suffix in (".jsonl", ".json", ".csv", ".parquet") and not Path(path).is_file():
+            raise UserError(f"{unit.id}: data.path {path} not found")
+
