@@ -6,6 +6,7 @@
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
     forgetting run EXPERIMENT.yaml [key=value ...] [--quick]   base eval, strategies x seeds, reports (resumes)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
+    forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage
 
 Bad input exits 2 and runtime failures exit 1, each with one line on stderr; `--debug` shows the traceback.
 """
@@ -129,6 +130,47 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_gate(args) -> int:
+    import time
+    from pathlib import Path
+
+    from evals import gate
+    from evals.runner import refuse_overwrite, save_results
+    from harness.configlib import from_dict, read_yaml
+    from harness.io import atomic_write_text
+    from harness.models import cache_root
+
+    started = time.perf_counter()
+    outputs = [Path(p) for p in (args.output, args.markdown, args.junit) if p]
+    for path in outputs:
+        refuse_overwrite(path, args.overwrite)
+    data = read_yaml(args.thresholds) if args.thresholds else {}
+    flags = gate.cli_thresholds(args.max_drop or [], args.min_gain or [], args.test, args.alpha)
+    data = dict(data) | {k: v for k, v in flags.items() if k != "metrics"}
+    data["metrics"] = {**data.get("metrics", {}), **flags["metrics"]}
+    try:
+        thresholds = from_dict(gate.Thresholds, data)
+    except HarnessError as err:
+        raise type(err)(f"{args.thresholds or 'thresholds'}: {err}") from None
+    overrides = {k: v for k, v in {"tasks": args.tasks and [t for t in args.tasks.split(",") if t],
+                                   "limit": args.limit, "batch_size": args.batch_size}.items() if v is not None}
+    checks, results = gate.run_gate(args.candidate, args.adapter, args.baseline, thresholds, overrides,
+                                    None if args.no_cache else cache_root() / "eval")
+    title = f"forgetting gate: {args.candidate} vs {args.baseline}"
+    table = gate.markdown(checks, title)
+    print(table, end="")
+    if args.output:
+        save_results(results, Path(args.output), overwrite=args.overwrite)
+    if args.markdown:
+        atomic_write_text(args.markdown, table)
+    if args.junit:
+        atomic_write_text(args.junit, gate.junit_xml(checks, title, time.perf_counter() - started))
+    failed = [c for c in checks if c.status != "pass"]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (
+        f"; failed: {', '.join(f'{c.task}/{c.metric}' for c in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetting", description="Measure and mitigate forgetting in SFT.",
                                      epilog=FLAGS)
@@ -157,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="the experiment's output_dir")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     rep.set_defaults(func=cmd_report, config=None, overrides=[])
+    gt = commands.add_parser("gate", help="fail (exit 1) when a checkpoint forgot more than allowed vs a baseline",
+                             description="Evaluate CANDIDATE like BASELINE and compare per metric: a drop beyond the "
+                                         "threshold that a paired test finds significant is a regression (exit 1); "
+                                         "usage or config errors exit 2.", epilog=FLAGS)
+    gt.add_argument("candidate", help="checkpoint directory, LoRA adapter directory, hub id or embedded:...")
+    gt.add_argument("--baseline", required=True, help="results JSON (forgetting eval / base/eval.json / --output of a gate) or a model")
+    gt.add_argument("--adapter", help="PEFT adapter directory to apply on CANDIDATE")
+    gt.add_argument("--thresholds", help="YAML: default, metrics (task[/metric] -> max_drop/min_gain), test, alpha, compare")
+    gt.add_argument("--max-drop", action="append", metavar="TASK[/METRIC]=X",
+                    help="allowed drop, absolute (0.02) or relative (5%%); repeatable")
+    gt.add_argument("--min-gain", action="append", metavar="TASK[/METRIC]=X", help="required gain, e.g. forgetting_target=0.5")
+    gt.add_argument("--test", choices=["paired", "threshold"], help="paired (default): a drop must also be significant")
+    gt.add_argument("--alpha", type=float, help="significance level of the paired test (default 0.05)")
+    gt.add_argument("--tasks", help="tasks when BASELINE is a model (a results file brings its own)")
+    gt.add_argument("--limit", type=int, help="documents per task when BASELINE is a model")
+    gt.add_argument("--batch-size", type=int, help="lm-eval batch size")
+    gt.add_argument("--output", help="write the candidate's results JSON here (the next baseline)")
+    gt.add_argument("--markdown", help="write the verdict table as Markdown (for a PR comment)")
+    gt.add_argument("--junit", help="write JUnit XML, one test case per metric")
+    gt.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gt.add_argument("--no-cache", action="store_true", help="ignore and do not write the result cache")
+    gt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    gt.set_defaults(func=cmd_gate, config=None, overrides=[])
     ev = commands.add_parser("eval", help="evaluate a model or checkpoint with lm-eval (offline suite by default)",
                              description="Evaluate MODEL (checkpoint dir, hub id, .gguf, embedded:...) with lm-eval.",
                              epilog=FLAGS)
