@@ -1,0 +1,74 @@
+"""Crash safety: `forgetting run` killed with SIGKILL at many moments resumes to the uninterrupted result, and
+an atomic write killed between writing and renaming leaves the old file standing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from harness.cli import main
+
+EXPERIMENT = {"name": "crash", "model": {"name_or_path": "tiny-random"},
+              "data": {"path": "builtin", "max_seq_len": 96, "limit": 24},
+              "train": {"max_steps": 3, "batch_size": 4, "lr": 1.0e-3, "progress": False, "save_every": 1},
+              "eval": {"tasks": ["forgetting_knowledge", "forgetting_target", "forgetting_prose"], "limit": 4},
+              "strategies": [{"name": "naive"}, {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]}],
+              "seeds": [0]}
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.mark.slow
+def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
+    reference = tmp_path / "reference.yaml"
+    reference.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "ref"))))
+    assert main(["run", str(reference)]) == 0
+    crashed = tmp_path / "crashed.yaml"
+    crashed.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "crashed"))))
+    command = [sys.executable, "-m", "harness", "run", str(crashed)]
+    kills, delay = 0, 6.0  # past the imports; each rerun gets further before it is killed
+    while True:
+        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            delay += 2.5
+            continue
+        assert process.returncode == 0, process.stderr.read()[-2000:]
+        break
+    assert kills >= 3  # it was really interrupted, at several stages
+    ref, got = tmp_path / "ref", tmp_path / "crashed"
+    assert (got / "results.csv").read_text() == (ref / "results.csv").read_text()
+    for unit in ("naive__seed0", "lora__seed0"):  # bitwise the same weights (CPU)
+        fingerprint = [json.loads((d / "units" / unit / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
+                       for d in (ref, got)]
+        assert fingerprint[0] == fingerprint[1]
+    leftovers = [p for p in got.rglob("*") if p.name.startswith(".tmp-") or p.name.endswith(".tmp")]
+    assert not [p for p in leftovers if p.is_dir()]  # no half-written checkpoint stands (files: temp names only)
+
+
+def test_an_atomic_write_killed_before_its_rename_leaves_the_old_file(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text('{"old": true}\n')
+    script = (
+        "import os, signal, sys\n"
+        "from harness import io\n"
+        "io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die between write and rename\n"
+        f"io.atomic_write_json({str(target)!r}, {{'new': 'x' * 100000}})\n")
+    result = subprocess.run([sys.executable, "-c", script], env=_env(), cwd=os.getcwd(), capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_text() == '{"old": true}\n'
+    temp = [p for p in tmp_path.iterdir() if p.name != "results.json"]
+    assert len(temp) == 1 and temp[0].name.startswith(".results.json.") and temp[0].stat().st_size > 100000
