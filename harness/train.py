@@ -223,7 +223,7 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
     metrics_path = output_dir / "metrics.jsonl"
     if is_main:
         keep = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(line)["step"] <= start]
+                if _logged_step(line) <= start]
         if heldout is not None and start == 0:
             keep = [json.dumps({"step": 0, "heldout_loss": heldout_loss(accelerator, model, heldout, tokenizer, t)})]
         atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
@@ -305,6 +305,14 @@ def train(job: TrainJob, accelerator=None) -> TrainResult:
     if is_main:
         ckpt.prune_checkpoints(output_dir, t.keep_checkpoints)
     return result
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a crash mid-append counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def heldout_loss(accelerator, model, examples: list[Example], tokenizer, t) -> float:

@@ -92,7 +92,12 @@ def loss_plot(run_dir: Path, units: pd.DataFrame) -> bytes | None:
         path = run_dir / "units" / row.unit / "train" / "metrics.jsonl"
         if not path.is_file():
             continue
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
         steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
         if steps:
             ax.plot(*zip(*steps), label=row.unit, linewidth=1)

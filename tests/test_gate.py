@@ -168,3 +168,11 @@ def test_gate_fails_the_embedded_model_after_an_aggressive_fine_tune(tmp_path, c
     cases = {c.get("classname"): c for c in ElementTree.parse(junit).getroot().iter("testcase")}
     assert cases["forgetting.gate.forgetting_knowledge"].find("failure") is not None
     assert cases["forgetting.gate.forgetting_target"].find("failure") is None  # it learned the task
+
+
+def test_gate_with_a_model_as_baseline_evaluates_both_the_same_way(tmp_path, capsys):
+    assert main(["gate", "tiny-random", "--baseline", "tiny-random", "--tasks", "forgetting_knowledge",
+                 "--limit", "4", "--output", str(tmp_path / "next.json")]) == 0
+    assert "1 of 1 checks passed" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "next.json").read_text())["forgetting"]["settings"]
+    assert saved["tasks"] == ["forgetting_knowledge"] and saved["limit"] == 4

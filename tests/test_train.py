@@ -152,6 +152,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         train(job(tmp_path, "train.max_steps=4", "train.save_every=2", name="resumed"))
     assert (tmp_path / "resumed" / "checkpoint-000002").is_dir() and not (tmp_path / "resumed" / "final").exists()
     monkeypatch.setattr(train_module, "loss_step", real_loss_step)
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "lo')  # as if killed in the middle of appending a line
     resumed = train(job(tmp_path, "train.max_steps=4", "train.save_every=2", name="resumed"))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     for name, tensor in weights(resumed.final_dir).items():
