@@ -96,6 +96,11 @@ def make_accelerator(job: TrainJob):
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
+    from accelerate.state import AcceleratorState
+
+    # one process may train several jobs (an experiment's units) with different precisions; accelerate keeps a
+    # process-wide state that refuses a change, so start it afresh (the process group, if any, is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
 
 

@@ -184,3 +184,12 @@ def test_quick_preset_shrinks_any_experiment(tmp_path):
     assert exp.output_dir.endswith("run-quick")
     with pytest.raises(UserError, match="seeds"):
         load_experiment(str(write(tmp_path, experiment(tmp_path, seeds=[]))))
+
+
+def test_units_with_different_precisions_run_in_one_process(tmp_path):
+    config = experiment(tmp_path, strategies=[{"name": "fp32"}, {"name": "bf16", "overrides": {"train.precision": "bf16"}}],
+                        eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
+    assert main(["run", str(write(tmp_path, config))]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert {u: r["status"] for u, r in manifest["units"].items()} == {"base": "done", "fp32__seed0": "done",
+                                                                      "bf16__seed0": "done"}
