@@ -118,10 +118,43 @@ def _rule_for(thresholds: Thresholds, task: str, metric: str) -> dict | None:
     return thresholds.default
 
 
-def _per_document(examples: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
-    rows = examples[(examples["task"] == task) & (examples["metric"] == metric)]
-    grouped = rows.assign(wv=rows["weight"] * rows["value"]).groupby("doc")[["wv", "weight"]].sum()
-    return grouped
+def _paired_p_value(base: pd.DataFrame, candidate: pd.DataFrame, task: str, metric: str, higher: bool) -> float | None:
+    """One-sided p-value of the candidate being worse, over per-document scores; None without them."""
+    if base.empty or candidate.empty:
+        return None
+
+    def per_document(examples: pd.DataFrame) -> pd.DataFrame:
+        rows = examples[(examples["task"] == task) & (examples["metric"] == metric)]
+        return rows.assign(wv=rows["weight"] * rows["value"]).groupby("doc")[["wv", "weight"]].sum()
+
+    b, c = per_document(base), per_document(candidate)
+    if not len(b) or not b.index.equals(c.index):
+        return None
+    diffs = (c["wv"] / c["weight"] - b["wv"] / b["weight"]).to_numpy()
+    return sign_flip_pvalue(diffs if higher else -diffs, b["weight"].to_numpy())
+
+
+def _judge_gain(check: Check, bad: float) -> None:
+    gain, required = -bad, check.rule["min_gain"]
+    if gain < required:
+        check.status, check.reason = "insufficient gain", f"gain {gain:+.4f} < required {required}"
+    else:
+        check.reason = f"gain {gain:+.4f} >= required {required}"
+
+
+def _judge_drop(check: Check, bad: float, thresholds: Thresholds) -> None:
+    amount, relative = parse_drop(check.rule["max_drop"], "max_drop")
+    allowed = amount * abs(check.baseline) if relative else amount
+    p = check.p_value
+    if bad <= allowed:
+        check.reason = f"drop {max(bad, 0):.4f} <= allowed {allowed:.4f}"
+    elif thresholds.test == "threshold":
+        check.status, check.reason = "regression", f"drop {bad:.4f} > allowed {allowed:.4f}"
+    elif p is not None and p < thresholds.alpha:
+        check.status, check.reason = "regression", f"drop {bad:.4f} > allowed {allowed:.4f}, p = {p:.4f} < {thresholds.alpha}"
+    else:
+        check.reason = f"drop {bad:.4f} > allowed {allowed:.4f} but not significant (p = " + (
+            f"{p:.4f})" if p is not None else "n/a: no per-document scores)")
 
 
 def compare(baseline: dict, candidate: dict, thresholds: Thresholds, primary: dict[str, str]) -> list[Check]:
@@ -136,37 +169,16 @@ def compare(baseline: dict, candidate: dict, thresholds: Thresholds, primary: di
         explicit = f"{row.task}/{row.metric}" in thresholds.metrics
         if thresholds.compare == "primary" and primary.get(row.task) != row.metric and not explicit:
             continue
-        rule = _rule_for(thresholds, row.task, row.metric)
         if (row.task, row.metric) not in cand_scores.index:
             raise UserError(f"candidate results lack {row.task}/{row.metric}")
         check = Check(row.task, row.metric, row.value, float(cand_scores.loc[(row.task, row.metric), "value"]),
-                      bool(row.higher_is_better), rule)
+                      bool(row.higher_is_better), _rule_for(thresholds, row.task, row.metric))
         bad = -check.delta if check.higher_is_better else check.delta  # > 0: worse
-        if rule.get("min_gain") is not None:
-            gain = -bad
-            if gain < rule["min_gain"]:
-                check.status, check.reason = "insufficient gain", f"gain {gain:+.4f} < required {rule['min_gain']}"
-            else:
-                check.reason = f"gain {gain:+.4f} >= required {rule['min_gain']}"
-        if rule.get("max_drop") is not None and check.status == "pass":
-            amount, relative = parse_drop(rule["max_drop"], "max_drop")
-            allowed = amount * abs(check.baseline) if relative else amount
-            if not base_examples.empty and not cand_examples.empty:
-                b = _per_document(base_examples, row.task, row.metric)
-                c = _per_document(cand_examples, row.task, row.metric)
-                if len(b) and b.index.equals(c.index):
-                    diffs = (c["wv"] / c["weight"] - b["wv"] / b["weight"]).to_numpy()
-                    check.p_value = sign_flip_pvalue(diffs if check.higher_is_better else -diffs, b["weight"].to_numpy())
-            significant = thresholds.test == "threshold" or (check.p_value is not None and check.p_value < thresholds.alpha)
-            if bad > allowed and significant:
-                check.status = "regression"
-                check.reason = f"drop {bad:.4f} > allowed {allowed:.4f}" + (
-                    f", p = {check.p_value:.4f} < {thresholds.alpha}" if thresholds.test == "paired" else "")
-            elif bad > allowed:
-                check.reason = f"drop {bad:.4f} > allowed {allowed:.4f} but not significant (p = " + (
-                    f"{check.p_value:.4f})" if check.p_value is not None else "n/a: no per-document scores)")
-            else:
-                check.reason = f"drop {max(bad, 0):.4f} <= allowed {allowed:.4f}"
+        if check.rule.get("min_gain") is not None:
+            _judge_gain(check, bad)
+        if check.rule.get("max_drop") is not None and check.status == "pass":
+            check.p_value = _paired_p_value(base_examples, cand_examples, row.task, row.metric, check.higher_is_better)
+            _judge_drop(check, bad, thresholds)
         checks.append(check)
     return checks
 
@@ -259,15 +271,13 @@ def run_gate(candidate: str, adapter: str | None, baseline_source: str, threshol
     """Evaluate the candidate like the baseline and compare; returns (checks, candidate results)."""
     from evals.runner import EvalSettings, evaluate, load_for_eval
     from harness.configlib import from_dict
-    from harness.experiment import PRIMARY_METRICS
+    from harness.experiment import primary_metric
 
     baseline, settings = load_baseline(baseline_source, settings_overrides, cache_dir)
     model, tokenizer = load_for_eval(candidate, adapter)
     results = evaluate(model, tokenizer, from_dict(EvalSettings, settings), cache_dir=cache_dir)
     results["forgetting"]["model"] = {"source": candidate, "adapter": adapter}
     check_same_documents(baseline, results)
-    primary = {}
-    for task, metrics in baseline["results"].items():
-        names = [k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k]
-        primary[task] = PRIMARY_METRICS.get(task) if PRIMARY_METRICS.get(task) in names else (names[0] if names else None)
+    primary = {task: primary_metric(task, [k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k])
+               for task, metrics in baseline["results"].items()}
     return compare(baseline, results, thresholds, primary), results

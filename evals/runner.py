@@ -55,10 +55,12 @@ class EvalSettings:
             raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """BLAKE2 hash of every tensor's name, dtype, shape and bytes (adapters included)."""
+def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> str:
+    """BLAKE2 hash of every tensor's name, dtype, shape and bytes (adapters included unless `exclude` matches)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if exclude is not None and exclude in name:
+            continue
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")

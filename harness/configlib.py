@@ -159,13 +159,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {text!r}: {key} is not a mapping")
-        node[keys[-1]] = value
+        set_key(data, keys, value, f"override {text!r}")
     return data
+
+
+def set_key(data: dict, keys: list[str], value: Any, where: str) -> None:
+    """data[k1][k2]...[kn] = value, creating mappings on the way (unknown keys are caught by `from_dict`)."""
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserError(f"{where}: {key} is not a mapping")
+    node[keys[-1]] = value
 
 
 def _fix_yaml_floats(node: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 from evals.runner import EvalSettings
 from harness.config import DataConfig, ModelConfig, TrainConfig, TrainJob
-from harness.configlib import from_dict, knob, load_config, parse_override, to_dict
+from harness.configlib import from_dict, knob, load_config, set_key, to_dict
 from harness.errors import UserError
 
 # The primary metric of each suite task: what the forgetting report compares (other tasks: their first metric).
@@ -104,28 +104,16 @@ def _unit_id(label: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", flat).strip("_") + f"__seed{seed}"
 
 
-def _set_path(data: dict, dotted: str, value: Any, where: str) -> None:
-    keys, _ = parse_override(f"{dotted}=0")
-    node = data
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            raise UserError(f"{where}: {dotted!r} is not a job key (model.*, data.*, train.*)")
-        node = node[key]
-    if keys[-1] not in node:
-        raise UserError(f"{where}: {dotted!r} is not a job key (model.*, data.*, train.*)")
-    node[keys[-1]] = value
-
-
 def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_dir: str, where: str) -> TrainJob:
     """The TrainJob of one unit: shared recipe + strategy overrides + sweep values + seed, validated."""
     data = {"model": to_dict(exp.model), "data": to_dict(exp.data), "train": to_dict(exp.train)}
     mitigations = copy.deepcopy(strategy.mitigations)
-    for key, value in strategy.overrides.items():
-        _set_path(data, key, value, f"{where}.overrides")
+    for key, value in strategy.overrides.items():  # unknown keys are refused (with a suggestion) by from_dict
+        set_key(data, key.split("."), value, f"{where}.overrides")
     for axis, value in axes.items():
         head = axis.split(".")[0]
         if head in ("model", "data", "train"):
-            _set_path(data, axis, value, f"{where}.sweep")
+            set_key(data, axis.split("."), value, f"{where}.sweep")
             continue
         spec = next((m for m in mitigations if isinstance(m, dict) and m.get("name") == head), None)
         if spec is None or "." not in axis:
@@ -158,23 +146,16 @@ def units(exp: Experiment) -> list[Unit]:
 
 def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = False) -> Experiment:
     """The experiment from YAML + `key=value` overrides (+ the quick preset), validated."""
-    overrides = list(overrides)
-    if quick:
-        import yaml
-
-        from harness.configlib import read_yaml
-
-        raw = read_yaml(path) if path else {}
-        first_seed = (raw.get("seeds") or [0])[:1]
-        output = raw.get("output_dir", "runs/experiment")
-        overrides = [*QUICK_OVERRIDES, f"seeds={yaml.safe_dump(first_seed, default_flow_style=True).strip()}",
-                     f"output_dir={output}-quick", *overrides]
-    return load_config(Experiment, path, overrides)
+    exp = load_config(Experiment, path, list(overrides))
+    if not quick:
+        return exp
+    preset = [*QUICK_OVERRIDES, f"seeds=[{exp.seeds[0]}]", f"output_dir={exp.output_dir}-quick"]
+    return load_config(Experiment, path, [*overrides, *preset])
 
 
-def primary_metric(exp: Experiment, task: str, available: list[str]) -> str | None:
-    """The metric the reports compare for `task`."""
-    wanted = exp.primary_metrics.get(task) or PRIMARY_METRICS.get(task)
+def primary_metric(task: str, available: list[str], chosen: dict[str, str] | None = None) -> str | None:
+    """The metric the reports and the gate compare for `task`: `chosen`, else the suite's own, else the first."""
+    wanted = (chosen or {}).get(task) or PRIMARY_METRICS.get(task)
     if wanted in available:
         return wanted
     return available[0] if available else None

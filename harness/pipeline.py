@@ -36,10 +36,6 @@ EXPERIMENT_FILE = "experiment.yaml"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval", "pandas", "numpy")
 
 
-def _comparable(config: dict) -> dict:
-    return dict(config, train={k: v for k, v in config["train"].items() if k != "progress"})
-
-
 def _first_difference(old, new, path: str = "") -> str:
     """`path: old in the run, new now` for the first place two resolved configs differ."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -61,14 +57,17 @@ def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
     """Create the run directory or check it holds this same experiment; True when resuming."""
     import yaml
 
-    resolved = to_dict(exp)
+    from harness.train import comparable
+
+    resolved = comparable(to_dict(exp))
     saved = run_dir / EXPERIMENT_FILE
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text())
-        if _comparable(old) != _comparable(resolved):
-            raise UserError(f"{run_dir}: holds a different experiment ({_first_difference(_comparable(old), _comparable(resolved))}); "
+        old = comparable(yaml.safe_load(saved.read_text()))
+        if old != resolved:
+            raise UserError(f"{run_dir}: holds a different experiment ({_first_difference(old, resolved)}); "
                             f"rerun with the same config to resume, or choose another output_dir")
         return True
+    resolved = to_dict(exp)
     if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise UserError(f"{run_dir}: exists and is not a run directory of this tool; choose another output_dir")
     atomic_write_yaml(saved, resolved)
@@ -102,6 +101,18 @@ def _append_environment(run_dir: Path) -> None:
     path = run_dir / "environment.json"
     history = json.loads(path.read_text()) if path.is_file() else []
     atomic_write_json(path, history + [environment()])
+
+
+def check_same_data(saved: dict, now: dict) -> None:
+    """Refuse to resume on data that changed since the run started (the units would not be comparable)."""
+    def by_source(hashes: dict) -> dict:
+        return {(d["path"], d["split"], d["limit"]): d["blake2"] for d in hashes["datasets"]}
+
+    old = by_source(saved)
+    for source, digest in by_source(now).items():
+        if source in old and old[source] != digest:
+            raise UserError(f"{source[0]} (split {source[1]}): the data changed since this run started; restore it "
+                            f"or start a new run (another output_dir)")
 
 
 def data_hashes(unit_list: list[Unit]) -> dict:
@@ -184,10 +195,9 @@ def evaluate_model(exp: Experiment, source: Path | str, manifest: Manifest, labe
     base = replace(exp.model, dtype=exp.eval_dtype)
     if adapter:
         model, tokenizer = load_for_eval(base.name_or_path, adapter=str(source), model_config=base)
-    elif str(source) == base.name_or_path:
-        model, tokenizer = load_for_eval(str(source), model_config=base)
-    else:  # a full checkpoint: the base's loading options (dtype, attention) on the saved weights
-        config = replace(base, name_or_path=str(source), gguf_file=None, revision=None)
+    else:  # the base, or a full checkpoint with the base's loading options (dtype, attention)
+        config = base if str(source) == base.name_or_path else replace(
+            base, name_or_path=str(source), gguf_file=None, revision=None)
         model, tokenizer = load_for_eval(str(source), model_config=config)
     results = evaluate(model, tokenizer, exp.eval, cache_dir=cache_root() / "eval")
     manifest.count_evaluation(label, results)
@@ -229,11 +239,12 @@ def run_experiment(exp: Experiment) -> Path:
 
     run_dir = Path(exp.output_dir)
     unit_list = units(exp)
-    _preflight(exp, unit_list)
+    hashes = _preflight(exp, unit_list)
     resuming = open_run_dir(exp, run_dir)
+    if resuming and (run_dir / "data_hashes.json").is_file():
+        check_same_data(json.loads((run_dir / "data_hashes.json").read_text()), hashes)
+    atomic_write_json(run_dir / "data_hashes.json", hashes)
     _append_environment(run_dir)
-    if not (run_dir / "data_hashes.json").is_file():
-        atomic_write_json(run_dir / "data_hashes.json", data_hashes(unit_list))
     manifest = Manifest(run_dir)
     print(f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
           f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}", flush=True)
@@ -259,8 +270,8 @@ def run_experiment(exp: Experiment) -> Path:
     return write_reports(run_dir)
 
 
-def _preflight(exp: Experiment, unit_list: list[Unit]) -> None:
-    """Checks that need more than the config file, done before anything is written or trained."""
+def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
+    """Checks that need more than the config file, done before anything is written or trained; the data hashes."""
     from evals.runner import leaf_tasks, task_manager
 
     leaves = leaf_tasks(task_manager(exp.eval), exp.eval.tasks)
@@ -270,8 +281,5 @@ def _preflight(exp: Experiment, unit_list: list[Unit]) -> None:
     if exp.target_task is not None and exp.target_task not in leaves:
         raise UserError(f"target_task: {exp.target_task!r} is not one of the evaluated tasks ({', '.join(leaves)}); "
                         f"add it to eval.tasks or set target_task: null")
-    for unit in unit_list:
-        path = unit.job.data.path
-        if Path(path).suffix in (".jsonl", ".json", ".csv", ".parquet") and not Path(path).is_file():
-            raise UserError(f"{unit.id}: data.path {path} not found")
+    return data_hashes(unit_list)  # loads (and so validates) every dataset
 

@@ -135,9 +135,9 @@ def accumulate_gradients(model, accelerator, examples: list[Example], micro_batc
     return step_loss, padded, real
 
 
-def _comparable(config: dict) -> dict:
-    config = dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
-    return config
+def comparable(config: dict) -> dict:
+    """A resolved config without the knobs that do not change results (the progress bar)."""
+    return dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
 
 
 def check_output_dir(job: TrainJob, output_dir: Path) -> bool:
@@ -146,7 +146,7 @@ def check_output_dir(job: TrainJob, output_dir: Path) -> bool:
     if config_path.is_file():
         import yaml
 
-        if _comparable(yaml.safe_load(config_path.read_text())) != _comparable(to_dict(job)):
+        if comparable(yaml.safe_load(config_path.read_text())) != comparable(to_dict(job)):
             raise UserError(f"{output_dir}: holds a run with a different config; resume with the same config "
                             f"or choose another output_dir")
         return (output_dir / "final" / "trainer_state.json").is_file()

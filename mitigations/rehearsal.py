@@ -63,14 +63,11 @@ def _shared_cache(model, tokenizer, prompts: list[str], max_new_tokens: int) -> 
     """Where the answers of these weights (adapters excluded: they start as a no-op) to these prompts are kept."""
     import hashlib
 
+    from evals.runner import weights_fingerprint
     from harness.models import cache_root
 
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" not in name:
-            digest.update(name.encode() + tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    digest.update(json.dumps([prompts, max_new_tokens, tokenizer.chat_template]).encode())
-    return cache_root() / "rehearsal" / f"{digest.hexdigest()}.jsonl"
+    key = json.dumps([weights_fingerprint(model, exclude="lora_"), prompts, max_new_tokens, tokenizer.chat_template])
+    return cache_root() / "rehearsal" / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.jsonl"
 
 
 def self_rehearsal(model, tokenizer, format_name: str, count: int, max_new_tokens: int, max_seq_len: int,

@@ -28,7 +28,7 @@ def primary_metrics(scores: pd.DataFrame, exp) -> dict[str, str]:
     from harness.experiment import primary_metric
 
     base = scores[scores["model"] == "base"]
-    return {task: primary_metric(exp, task, list(group["metric"])) for task, group in base.groupby("task", sort=True)}
+    return {task: primary_metric(task, list(group["metric"]), exp.primary_metrics) for task, group in base.groupby("task", sort=True)}
 
 
 def _signed(rel: float, higher_is_better: bool) -> float:

@@ -62,7 +62,7 @@ BAD_EXPERIMENTS = [
     ({"strategies": [{"name": "a", "mitigation": []}]}, "did you mean 'mitigations'"),
     ({"strategies": [{"name": "a", "mitigations": [{"name": "lorra"}]}]}, "unknown mitigation 'lorra'"),
     ({"strategies": [{"name": "a", "sweep": {"replay.ratio": [0.1]}}]}, "axis 'replay.ratio'"),
-    ({"strategies": [{"name": "a", "overrides": {"train.lrate": 1}}]}, "'train.lrate' is not a job key"),
+    ({"strategies": [{"name": "a", "overrides": {"train.lrr": 1}}]}, "(a).train.lrr: unknown key; did you mean 'lr'?"),
     ({"strategies": [{"name": "a", "overrides": {"train.lr": "fast"}}]}, "train.lr: expected a number"),
     ({"strategies": [{"name": "a b"}]}, "name: expected letters"),
     ({"strategies": []}, "at least one strategy"),
@@ -193,3 +193,26 @@ def test_units_with_different_precisions_run_in_one_process(tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert {u: r["status"] for u, r in manifest["units"].items()} == {"base": "done", "fp32__seed0": "done",
                                                                       "bf16__seed0": "done"}
+
+
+def test_malformed_data_fails_before_the_run_directory_is_written(tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n')
+    config = experiment(tmp_path, data={"path": str(broken)})
+    assert main(["run", str(write(tmp_path, config))]) == 2
+    assert f"{broken}:2: malformed JSON" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_on_changed_data_is_refused(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(8)))
+    config = experiment(tmp_path, data={"path": str(data), "max_seq_len": 64}, strategies=[{"name": "naive"}],
+                        eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
+    path = write(tmp_path, config)
+    assert main(["run", str(path)]) == 0
+    data.write_text(data.read_text().replace("a7", "changed"))
+    manifest = (tmp_path / "run" / "manifest.json").read_text()
+    assert main(["run", str(path)]) == 2
+    assert "the data changed since this run started" in capsys.readouterr().err
+    assert (tmp_path / "run" / "manifest.json").read_text() == manifest
