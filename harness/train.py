@@ -96,11 +96,6 @@ def make_accelerator(job: TrainJob):
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
-    from accelerate.state import AcceleratorState
-
-    # one process may train several jobs (an experiment's units) with different precisions; accelerate keeps a
-    # process-wide state that refuses a change, so start it afresh (the process group, if any, is kept)
-    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
 
 
@@ -156,12 +151,28 @@ def check_output_dir(job: TrainJob, output_dir: Path) -> bool:
 
 
 def train(job: TrainJob, accelerator=None) -> TrainResult:
-    """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible."""
+    """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible.
+
+    Without an `accelerator` the job makes its own, and leaves none of its settings behind: accelerate keeps
+    process-wide state (the mixed precision) that would otherwise refuse the next job's or leak into it
+    (an experiment trains its units one after another in one process). The process group, if any, is kept.
+    """
+    if accelerator is not None:
+        return _train(job, accelerator)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        return _train(job, make_accelerator(job))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _train(job: TrainJob, accelerator) -> TrainResult:
     from accelerate.utils import set_seed
 
     if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
-    accelerator = accelerator or make_accelerator(job)
     output_dir = Path(job.output_dir)
     is_main = accelerator.is_main_process
     if check_output_dir(job, output_dir):
