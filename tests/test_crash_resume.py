@@ -58,6 +58,57 @@ def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
     assert not [p for p in leftovers if p.is_dir()]  # no half-written checkpoint stands (files: temp names only)
 
 
+# Run `forgetting run` in a subprocess that SIGKILLs itself at the Nth call of a function of one phase.
+KILLER = """
+import os, signal, sys
+import evals.runner, harness.train, reports.plots
+target, after = sys.argv[1], int(sys.argv[2])
+module, name = {"evaluate": (evals.runner, "evaluate"), "loss_step": (harness.train, "loss_step"),
+                "loss_plot": (reports.plots, "loss_plot")}[target]
+real, calls = getattr(module, name), [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(module, name, dying)
+from harness.cli import main
+sys.exit(main(["run", sys.argv[3]]))
+"""
+
+
+@pytest.mark.slow
+def test_killed_in_each_phase_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
+    """SIGKILL during the base evaluation, mid-training, during a unit's evaluation and while writing reports."""
+    reference = tmp_path / "reference.yaml"
+    reference.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "ref"))))
+    assert main(["run", str(reference)]) == 0
+    config = tmp_path / "crashed.yaml"
+    config.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "crashed"))))
+    run, unit = tmp_path / "crashed", tmp_path / "crashed" / "units" / "naive__seed0"
+
+    def killed_at(target: str, call: int) -> None:
+        result = subprocess.run([sys.executable, "-c", KILLER, target, str(call), str(config)], env=_env(),
+                                capture_output=True, text=True)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+    killed_at("evaluate", 1)  # the base model's evaluation
+    assert (run / "experiment.yaml").is_file() and not (run / "base" / "eval.json").exists()
+    killed_at("loss_step", 2)  # the first unit's second optimizer step, after checkpoint-000001
+    assert (unit / "train" / "checkpoint-000001").is_dir() and not (unit / "train" / "final").exists()
+    killed_at("evaluate", 1)  # the first unit resumes, finishes training, and dies evaluating
+    assert (unit / "train" / "final").is_dir() and not (unit / "eval.json").exists()
+    killed_at("loss_plot", 1)  # both units done, tables written, the report figures half made
+    assert (run / "results.csv").is_file() and not (run / "reports" / "report.html").exists()
+    assert main(["run", str(config)]) == 0
+    assert (run / "results.csv").read_text() == (tmp_path / "ref" / "results.csv").read_text()
+    assert "resuming from" in (unit / "log.txt").read_text()
+    for name in ("naive__seed0", "lora__seed0"):
+        fingerprints = [json.loads((d / "units" / name / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
+                        for d in (tmp_path / "ref", run)]
+        assert fingerprints[0] == fingerprints[1]
+
+
 def test_an_atomic_write_killed_before_its_rename_leaves_the_old_file(tmp_path):
     target = tmp_path / "results.json"
     target.write_text('{"old": true}\n')
