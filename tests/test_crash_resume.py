@@ -26,13 +26,19 @@ def _env():
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
-@pytest.mark.slow
-def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
+def _reference_run_and_crash_config(tmp_path):
+    """Run the experiment uninterrupted into ref/; return the config of the same experiment into crashed/."""
     reference = tmp_path / "reference.yaml"
     reference.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "ref"))))
     assert main(["run", str(reference)]) == 0
     crashed = tmp_path / "crashed.yaml"
     crashed.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "crashed"))))
+    return crashed
+
+
+@pytest.mark.slow
+def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
+    crashed = _reference_run_and_crash_config(tmp_path)
     command = [sys.executable, "-m", "harness", "run", str(crashed)]
     kills, delay = 0, 6.0  # past the imports; each rerun gets further before it is killed
     while True:
@@ -80,11 +86,7 @@ sys.exit(main(["run", sys.argv[3]]))
 @pytest.mark.slow
 def test_killed_in_each_phase_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
     """SIGKILL during the base evaluation, mid-training, during a unit's evaluation and while writing reports."""
-    reference = tmp_path / "reference.yaml"
-    reference.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "ref"))))
-    assert main(["run", str(reference)]) == 0
-    config = tmp_path / "crashed.yaml"
-    config.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "crashed"))))
+    config = _reference_run_and_crash_config(tmp_path)
     run, unit = tmp_path / "crashed", tmp_path / "crashed" / "units" / "naive__seed0"
 
     def killed_at(target: str, call: int) -> None:
