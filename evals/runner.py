@@ -238,8 +238,14 @@ def load_for_eval(source: str, adapter: str | None = None, model_config=None):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model.to(eval_device())  # lm-eval runs a model object where it lies
     model.eval()
     return model, tokenizer
+
+
+def eval_device() -> torch.device:
+    """Where evaluations run: the first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def adapter_base(folder: Path) -> str:
