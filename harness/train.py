@@ -99,6 +99,20 @@ def make_accelerator(job: TrainJob):
     return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
 
 
+def compile_model(model: torch.nn.Module, device: torch.device) -> None:
+    """torch.compile the model in place (its state_dict keys and checkpoints stay as they are).
+
+    Shapes vary with each micro-batch's width; torch marks the varying sizes dynamic after the first
+    recompile, so a run compiles about twice. On a CPU inductor builds C++ kernels: a compiler must exist.
+    """
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise UserError("train.compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; "
+                        "install one or set train.compile=false")
+    model.compile()
+
+
 def loss_step(model, batch: dict[str, torch.Tensor], scale: float, penalties: list) -> torch.Tensor:
     """One micro-batch's contribution to the step loss: summed response CE x scale, plus any penalties."""
     loss = summed_response_loss(model, batch) * scale
@@ -209,6 +223,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         if hasattr(mitigation, "wrap_model"):
             model = mitigation.wrap_model(model, ctx)
     model.to(accelerator.device)
+    if job.train.compile:
+        compile_model(model, accelerator.device)
     for mitigation in mitigations:
         if hasattr(mitigation, "mix_data"):
             examples = list(mitigation.mix_data(examples, model, ctx))

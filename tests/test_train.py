@@ -187,3 +187,23 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"train\.tensorboard: the tensorboard package is not installed"):
         train(job(tmp_path, "train.tensorboard=true"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """train.compile: same losses and weights as eager (to float tolerance); checkpoints keep plain keys."""
+    if not any(__import__("shutil").which(cc) for cc in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
+    eager = train(job(tmp_path, "train.max_steps=3", name="eager"))
+    compiled = train(job(tmp_path, "train.max_steps=3", "train.compile=true", name="compiled"))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    expected, got = weights(eager.final_dir), weights(compiled.final_dir)
+    assert got.keys() == expected.keys()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="train.compile: .*C\\+\\+ compiler"):
+        train(job(tmp_path, "train.compile=true"))
