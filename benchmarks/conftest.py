@@ -13,35 +13,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 RESULTS: dict[str, dict] = {}
-BATCH = 16  # built-in-task conversations per optimizer step in every benchmark
 
 
 @pytest.fixture(scope="session")
 def embedded_batch():
-    """(tokenizer with the chat-template format, the first BATCH built-in examples, the embedded model)."""
-    from harness.config import DataConfig, ModelConfig
-    from harness.data import load_conversations, tokenize_all
-    from harness.formats import attach_format
-    from harness.models import load_model, load_tokenizer
+    """(tokenizer with the chat-template format, the first 16 built-in examples, the embedded model)."""
+    from benchmarks.systems import embedded_setup
 
-    tokenizer = load_tokenizer(ModelConfig())
-    attach_format(tokenizer, "chat_template")
-    config = DataConfig(limit=BATCH, max_seq_len=256)
-    examples, _ = tokenize_all(load_conversations(config), tokenizer, config)
-    return tokenizer, examples, load_model(ModelConfig())
+    return embedded_setup()
 
 
 @pytest.fixture(scope="session")
 def results():
     yield RESULTS
-    if not RESULTS:
+    steps = RESULTS.get("steps")
+    if not steps:
         return
-    lines = ["", "| system | tokens/s | s/step | padding | ours / this |", "|---|---|---|---|---|"]
-    for name, row in sorted(RESULTS.items(), key=lambda item: item[0].split()[-1]):
-        ours = RESULTS.get(f"ours {name.split()[-1]}", {}).get("tokens_per_s")
+    lines = ["", "| system | tokens/s | s/step | padding | MFU (6N) | executed-FLOP util. | ours / this |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in sorted(steps.items(), key=lambda item: item[0].split()[-1]):
+        ours = steps.get(f"ours {name.split()[-1]}", {}).get("tokens_per_s")
         ratio = f"{ours / row['tokens_per_s']:.2f}" if ours else ""
-        lines.append(f"| {name} | {row.get('tokens_per_s', 0):.0f} | {row.get('seconds_per_step', 0):.2f} | "
-                     f"{row.get('padding_fraction', 0):.1%} | {ratio} |")
+        lines.append(f"| {name} | {row['tokens_per_s']:.0f} | {row['seconds_per_step']:.2f} | "
+                     f"{row['padding_fraction']:.1%} | {row.get('mfu', 0):.0%} | "
+                     f"{row.get('executed_flop_utilisation', 0):.0%} | {ratio} |")
+    peaks = RESULTS.get("peak", {})
+    lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
     print("\n".join(lines))
     out = Path(os.environ.get("BENCH_RESULTS", ".benchmarks/step_throughput.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
