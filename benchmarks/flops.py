@@ -43,9 +43,9 @@ def step_flops(model, step) -> dict[str, float]:
     body = sum(m.weight.numel() for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
     # attention scores and weighted values: 2 matmuls of (T x T x d) per layer forward, x3 with backward;
-    # sequences of the padded width, every query against every key (the CPU kernels do not skip masked blocks)
-    rows, width = step.rows, step.padded // step.rows
-    attention = 3 * 2 * 2 * rows * width * width * config.hidden_size * config.num_hidden_layers
+    # padded rows: every query against every key of the row (the CPU kernels do not skip masked blocks);
+    # packed rows: each sequence against itself
+    attention = 3 * 2 * 2 * step.attention_pairs * config.hidden_size * config.num_hidden_layers
     executed = 6 * body * step.padded + 6 * head * step.kept_positions + attention
     return {"model_flops_6n": 6 * total * step.tokens, "executed_flops": float(executed)}
 

@@ -27,8 +27,9 @@ class Step:
     run: Callable[[], None]
     tokens: int  # real (non-padding) tokens per step
     padded: int  # tokens including padding, as fed to the model
-    rows: int  # sequences per step, padded to one width
+    rows: int  # rows per step (padded: one per sequence; packed: one)
     kept_positions: int  # positions projected to the vocabulary (ours: response positions only)
+    attention_pairs: int  # query-key pairs the attention computes: sum over attention blocks of width^2
 
 
 def embedded_setup(batch: int = BATCH, max_seq_len: int = 256):
@@ -70,6 +71,7 @@ def make_step(system: str, setup, precision: str = "fp32", lora: bool = False,
 def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     from accelerate import Accelerator
 
+    from harness import packing
     from harness.batching import collate, target_tokens
     from harness.config import TrainConfig
     from harness.loss import next_token_targets
@@ -92,17 +94,26 @@ def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     scale = 1 / target_tokens(examples)
     micro_batch_tokens = 1 << 20  # one micro-batch per step, as the baselines get
 
+    packed = not compile  # what train.packing=auto chooses on a CPU
+    if packed:
+        packing.enable(model)  # the benchmark's own copy stays packed
+
     def run():
         with autocast(precision):
             accumulate_gradients(model, accelerator, examples, micro_batch_tokens, tokenizer.pad_token_id, scale,
-                                 lambda: [])
+                                 list, packed=packed)
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    real = sum(len(e) for e in examples)
+    if packed:
+        kept = int(next_token_targets(packing.pack(examples)["labels"])[0].sum())
+        return Step(run, real, real, 1, kept, sum(len(e) ** 2 for e in examples))
     batch = collate(examples, tokenizer.pad_token_id)
     kept = int(next_token_targets(batch["labels"])[0].sum())
-    return Step(run, sum(len(e) for e in examples), batch["input_ids"].numel(), len(examples), kept)
+    rows, width = batch["input_ids"].shape
+    return Step(run, real, batch["input_ids"].numel(), rows, kept, rows * width * width)
 
 
 def _trainer_step(trainer, batch, num_items, precision) -> Callable[[], None]:
@@ -144,7 +155,7 @@ def _hf_trainer(setup, precision, lora, gradient_checkpointing, compile) -> Step
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     ids = batch["input_ids"]
     return Step(_trainer_step(trainer, batch, num_items, precision), int(batch["attention_mask"].sum()),
-                ids.numel(), ids.shape[0], ids.numel())
+                ids.numel(), ids.shape[0], ids.numel(), ids.shape[0] * ids.shape[1] ** 2)
 
 
 def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
@@ -169,4 +180,4 @@ def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     num_items = int(mask.sum()) if mask is not None else None
     ids = batch["input_ids"]
     return Step(_trainer_step(trainer, batch, num_items, precision), int(batch["attention_mask"].sum()),
-                ids.numel(), ids.shape[0], ids.numel())
+                ids.numel(), ids.shape[0], ids.numel(), ids.shape[0] * ids.shape[1] ** 2)

@@ -40,8 +40,10 @@ def setup(embedded_batch):
 def make_step(model, tokenizer, examples, penalty=None, penalty_grad=None):
     from accelerate import Accelerator
 
+    from harness import packing
     from harness.train import accumulate_gradients, make_optimizer
 
+    packing.enable(model)  # micro-batches packed, as train.packing=auto does on a CPU
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer([{"params": params}], TrainConfig(lr=1e-5), torch.device("cpu"))
     accelerator = Accelerator(cpu=True)
@@ -49,7 +51,7 @@ def make_step(model, tokenizer, examples, penalty=None, penalty_grad=None):
 
     def step():
         accumulate_gradients(model, accelerator, examples, 4096, tokenizer.pad_token_id, scale,
-                             (lambda: [penalty(model, None)]) if penalty else (lambda: []))
+                             (lambda: [penalty(model, None)]) if penalty else list, packed=True)
         if penalty_grad is not None:
             penalty_grad(model, None)
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)

@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = knob(0, "seed for data order, dropout and initialisation")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = knob("auto", "auto: bf16 autocast on a bf16-capable GPU, fp32 elsewhere")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward: much less activation memory, up to ~30% more time")
+    packing: Literal["auto", "packed", "padded"] = knob("auto", "micro-batch layout: packed (no padding; each sequence attends only to itself; needs SDPA attention), padded, or auto: packed on a CPU without train.compile, padded elsewhere")
     compile: bool = knob(False, "torch.compile the model (inductor): faster steps after a one-time compile (~1 min for 135M on CPU; needs a C++ compiler there)")
     log_every: int = knob(1, "write a metrics line every N steps")
     tensorboard: bool = knob(False, "also log metrics to output_dir/tensorboard (needs the tensorboard package)")
@@ -112,6 +113,9 @@ class TrainConfig:
         for name in ("log_every",):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be at least 1")
+        if self.packing == "packed" and self.compile:
+            raise ValueError("train.packing=packed cannot be combined with train.compile (packed rows change shape "
+                             "every step and would recompile); use packing=padded or compile=false")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.save_every and train.keep_checkpoints: must be >= 0")
 

@@ -25,8 +25,11 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def summed_response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over target tokens of -log p(token | prefix); logits only at positions that predict a target."""
     keep, targets = next_token_targets(batch["labels"])
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep, use_cache=False)
+    if "segments" in batch:  # a packed row (harness.packing): no mask, positions restart per sequence
+        inputs = {"position_ids": batch["position_ids"], "segments": batch["segments"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    output = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **inputs)
     return F.cross_entropy(output.logits.float(), targets, reduction="sum")
 
 

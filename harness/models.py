@@ -154,7 +154,10 @@ def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int |
     from transformers import AutoModelForCausalLM
 
     if config.name_or_path == TINY_MODEL:
-        return tiny_model(vocab_size or len(load_tokenizer(config)), seed=seed)
+        model = tiny_model(vocab_size or len(load_tokenizer(config)), seed=seed)
+        if config.attn_implementation:
+            model.set_attn_implementation(config.attn_implementation)
+        return model
     source, kwargs = resolve_source(config)
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from harness import checkpoint as ckpt
+from harness import packing
 from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
 from harness.config import TrainJob
 from harness.configlib import to_dict
@@ -113,6 +114,20 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> None:
     model.compile()
 
 
+def use_packing(t, model, device: torch.device) -> bool:
+    """Whether micro-batches are packed: `train.packing`, with auto = packed on a CPU without compile.
+
+    On GPUs the per-sequence attention calls cost kernel launches that padding does not, so auto pads there.
+    """
+    if t.packing == "packed" and not packing.supports_packing(model):
+        raise UserError(f"train.packing=packed needs SDPA attention; this model uses "
+                        f"{packing.transformers_model(model).config._attn_implementation!r} "
+                        f"(set model.attn_implementation=sdpa or train.packing=padded)")
+    if t.packing == "auto":
+        return device.type == "cpu" and not t.compile and packing.supports_packing(model)
+    return t.packing == "packed"
+
+
 def loss_step(model, batch: dict[str, torch.Tensor], scale: float, penalties: list) -> torch.Tensor:
     """One micro-batch's contribution to the step loss: summed response CE x scale, plus any penalties."""
     loss = summed_response_loss(model, batch) * scale
@@ -120,22 +135,25 @@ def loss_step(model, batch: dict[str, torch.Tensor], scale: float, penalties: li
 
 
 def accumulate_gradients(model, accelerator, examples: list[Example], micro_batch_tokens: int, pad_id: int,
-                         scale: float, penalties) -> tuple[torch.Tensor, int, int]:
+                         scale: float, penalties, packed: bool = False) -> tuple[torch.Tensor, int, int]:
     """Forward and backward every micro-batch of `examples` (this process's share of one optimizer step).
 
-    Gradients are synchronised across processes only on the last micro-batch, which also carries the
+    Micro-batches are packed rows (`harness.packing`, the model's attention switched to packed) or padded
+    ones. Gradients are synchronised across processes only on the last micro-batch, which also carries the
     mitigations' penalty terms (`penalties()` is called once per step). Returns (the step's response loss
     on this process, padded tokens, real tokens).
     """
-    groups = micro_batches(list(range(len(examples))), [len(e) for e in examples], micro_batch_tokens)
+    lengths = [len(e) for e in examples]
+    grouping = packing.packed_micro_batches if packed else micro_batches
+    groups = grouping(list(range(len(examples))), lengths, micro_batch_tokens)
     step_loss = torch.zeros((), device=accelerator.device)
     padded = real = 0
     for i, group in enumerate(groups):
         last = i == len(groups) - 1
-        batch = collate([examples[j] for j in group], pad_id)
+        batch = packing.pack([examples[j] for j in group]) if packed else collate([examples[j] for j in group], pad_id)
         padded += batch["input_ids"].numel()
-        real += sum(len(examples[j]) for j in group)
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        real += sum(lengths[j] for j in group)
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
             terms = penalties() if last else []
             loss = loss_step(model, batch, scale, terms)
@@ -263,6 +281,11 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     # ---- the loop
     lengths = [len(e) for e in examples]
     pad_id = tokenizer.pad_token_id
+    packed = use_packing(t, accelerator.unwrap_model(model), accelerator.device)
+    restore_attention = packing.enable(accelerator.unwrap_model(model)) if packed else None
+    if is_main:
+        print(f"micro-batches: {'packed, no padding' if packed else 'padded'} (train.packing={t.packing}), "
+              f"up to {t.micro_batch_tokens} tokens each", flush=True)
     progress = _progress_bar(job, is_main, start, len(steps))
     board = _tensorboard(output_dir) if is_main and t.tensorboard else None
     padded_total = real_total = 0
@@ -274,7 +297,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         share = rank_share(steps[step], lengths, accelerator.process_index, accelerator.num_processes)
         step_loss, padded, real = accumulate_gradients(
             model, accelerator, [examples[j] for j in share], t.micro_batch_tokens, pad_id, scale,
-            lambda: hook_results(mitigations, "penalty", model, ctx))
+            lambda: hook_results(mitigations, "penalty", model, ctx), packed=packed)
+        if packed and packing.CALLS["packed"] == 0:
+            raise RunError("train.packing: the model's attention did not go through transformers' attention "
+                           "interface, so packed sequences could see each other; set train.packing=padded")
         padded_total += padded
         real_total += real
         hook_results(mitigations, "penalty_grad", model, ctx)
@@ -314,6 +340,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     progress.close()
     if board is not None:
         board.close()
+    if restore_attention is not None:
+        restore_attention()
 
     # ---- finish: reports, final checkpoint, summary
     padded_total, real_total = accelerator.reduce(torch.tensor([padded_total, real_total], device=accelerator.device),

@@ -1,0 +1,104 @@
+"""Padding-free micro-batches: several sequences packed into one row, each attending only to itself.
+
+A packed micro-batch is one row of concatenated sequences with position ids restarting at every sequence and
+the sequence boundaries (`segments`). The model runs with the attention implementation registered here,
+`forgetting_packed`: for a packed batch it runs transformers' own SDPA attention once per sequence (causal,
+no mask), so no token sees another sequence and no FLOP is spent on padding; for any other call it is exactly
+SDPA. The linear layers, which are most of the work, see only real tokens. On a CPU this is ~15% faster than
+padded micro-batches on the built-in task (BENCHMARKS.md); the loss and gradients equal the padded ones (tests).
+
+A model whose attention does not go through transformers' attention interface would silently let sequences
+see each other; `packed_attention` counts the calls and `train` refuses such a model after its first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from harness.formats import IGNORE_INDEX, Example
+
+IMPLEMENTATION = "forgetting_packed"
+CALLS = {"packed": 0}  # packed attention calls, checked by the training loop
+
+
+def packed_attention(module, query, key, value, attention_mask, segments=None, **kwargs):
+    """SDPA over each packed sequence separately (`segments`: boundaries); plain SDPA when not packed."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    CALLS["packed"] += 1
+    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+               for a, b in zip(segments[:-1], segments[1:])]
+    return torch.cat(outputs, dim=1), None
+
+
+def _mask(*args, **kwargs):
+    """No mask for a packed row (each sequence is causal on its own); SDPA's mask for a padded batch."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, packed_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask)
+
+
+def transformers_model(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_packing(model) -> bool:
+    """True when the model runs transformers' SDPA attention, which the packed implementation wraps."""
+    config = getattr(transformers_model(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", IMPLEMENTATION)
+
+
+def enable(model) -> Callable[[], None]:
+    """Switch the model's attention to `forgetting_packed`; returns the function that switches it back.
+
+    The attention implementation is not saved with checkpoints, so they load with SDPA anywhere.
+    """
+    register()
+    base = transformers_model(model)
+    previous = base.config._attn_implementation
+    base.set_attn_implementation(IMPLEMENTATION)
+    CALLS["packed"] = 0
+    return lambda: base.set_attn_implementation(previous)
+
+
+def pack(examples: list[Example]) -> dict:
+    """One row of the concatenated examples: input_ids, labels, position_ids (1, T) and the boundaries.
+
+    Each example's first label is dropped (-100): in a packed row the position before it is the previous
+    example's last token, which must not learn to predict the next example's first token.
+    """
+    ids, labels, positions, segments = [], [], [], [0]
+    for example in examples:
+        ids += example.input_ids
+        labels += [IGNORE_INDEX] + list(example.labels[1:])
+        positions += range(len(example))
+        segments.append(segments[-1] + len(example))
+    row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions), "segments": tuple(segments)}
+
+
+def packed_micro_batches(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy groups of length-sorted examples whose total length fits `max_tokens` (no padding to count)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if groups and total + lengths[i] <= max_tokens:
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])  # an example longer than max_tokens still gets its own micro-batch
+            total = lengths[i]
+    return groups
