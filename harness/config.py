@@ -70,7 +70,7 @@ class TrainConfig:
     epochs: float = knob(2.0, "passes over the training data (fractions allowed)")
     max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (overrides epochs)")
     batch_size: int = knob(128, "sequences per optimizer step (global, across all processes)")
-    micro_batch_tokens: int = knob(4096, "padded tokens per forward/backward pass; bounds activation memory")
+    micro_batch_tokens: int = knob(4096, "tokens per forward/backward pass, padding included; bounds activation memory")
     warmup_ratio: float = knob(0.03, "fraction of steps with linear warmup from 0")
     schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "decay after warmup")
     min_lr_ratio: float = knob(0.0, "final LR as a fraction of the peak")
