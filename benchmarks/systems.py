@@ -68,14 +68,45 @@ def make_step(system: str, setup, precision: str = "fp32", lora: bool = False,
     return builders[system](setup, precision, lora, gradient_checkpointing, compile)
 
 
-def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
+def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bool = True,
+                 micro_batch_tokens: int = 1 << 20, penalty=None, penalty_grad=None) -> Callable[[], None]:
+    """One optimizer step of this harness's loop on `model` (its trainable parameters; AdamW, clipping).
+
+    `penalty(model, ctx)` / `penalty_grad(model, ctx)` are mitigation hooks as the training loop calls them.
+    Default: one micro-batch per step, as the baselines get; packed, as train.packing=auto is on a CPU.
+    """
     from accelerate import Accelerator
 
     from harness import packing
-    from harness.batching import collate, target_tokens
+    from harness.batching import target_tokens
     from harness.config import TrainConfig
-    from harness.loss import next_token_targets
     from harness.train import accumulate_gradients, make_optimizer
+
+    if packed:
+        packing.enable(model)  # the benchmark's own copy stays packed
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer([{"params": params}], TrainConfig(lr=1e-5), torch.device("cpu"))
+    accelerator = Accelerator(cpu=True)
+    scale = 1 / target_tokens(examples)
+    penalties = (lambda: [penalty(model, None)]) if penalty else list
+
+    def run():
+        with autocast(precision):
+            accumulate_gradients(model, accelerator, examples, micro_batch_tokens, tokenizer.pad_token_id, scale,
+                                 penalties, packed=packed)
+        if penalty_grad is not None:
+            penalty_grad(model, None)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
+    from harness import packing
+    from harness.batching import collate
+    from harness.loss import next_token_targets
 
     tokenizer, examples, base = setup
     model = copy.deepcopy(base)
@@ -88,24 +119,8 @@ def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     if compile:
         model.compile()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer([{"params": params}], TrainConfig(lr=1e-5), torch.device("cpu"))
-    accelerator = Accelerator(cpu=True)
-    scale = 1 / target_tokens(examples)
-    micro_batch_tokens = 1 << 20  # one micro-batch per step, as the baselines get
-
     packed = not compile  # what train.packing=auto chooses on a CPU
-    if packed:
-        packing.enable(model)  # the benchmark's own copy stays packed
-
-    def run():
-        with autocast(precision):
-            accumulate_gradients(model, accelerator, examples, micro_batch_tokens, tokenizer.pad_token_id, scale,
-                                 list, packed=packed)
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    run = harness_step(model, tokenizer, examples, precision, packed=packed)
     real = sum(len(e) for e in examples)
     if packed:
         kept = int(next_token_targets(packing.pack(examples)["labels"])[0].sum())

@@ -55,11 +55,11 @@ def test_steps_interleaved(benchmark, embedded_batch, results, precision, compil
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     peak = results.get("peak", {}).get(precision)
     for system, step in steps.items():
-        seconds = statistics.median(times[system][1:])  # the warm-up round's time is dropped
+        seconds = statistics.median(times[system][1:] or times[system])  # warm-up dropped (kept if the only one)
         flops = step_flops(embedded_batch[2], step)
         row = {"tokens_per_s": step.tokens / seconds, "seconds_per_step": seconds, "tokens": step.tokens,
                "padding_fraction": 1 - step.tokens / step.padded, "model_flops_6n": flops["model_flops_6n"],
-               "executed_flops": flops["executed_flops"], "round_times": times[system][1:]}
+               "executed_flops": flops["executed_flops"], "round_times": times[system][1:] or times[system]}
         if peak:
             row["mfu"] = flops["model_flops_6n"] / seconds / peak
             row["executed_flop_utilisation"] = flops["executed_flops"] / seconds / peak
