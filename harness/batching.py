@@ -33,14 +33,20 @@ def rank_share(indices: list[int], lengths: list[int], rank: int, world_size: in
     return ordered[rank::world_size]
 
 
-def micro_batches(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Greedy groups of length-sorted examples whose padded size (count x longest) fits `max_tokens`."""
+def micro_batches(indices: list[int], lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Greedy groups of length-sorted examples whose size fits `max_tokens`.
+
+    Size: padded, count x longest (the first, longest member); packed (one row, no padding), the sum of lengths.
+    """
     groups: list[list[int]] = []
     for i in sorted(indices, key=lambda i: (-lengths[i], i)):
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])  # an example longer than max_tokens still gets its own micro-batch
+        if groups:
+            group = groups[-1]
+            size = sum(lengths[j] for j in group) + lengths[i] if packed else (len(group) + 1) * lengths[group[0]]
+            if size <= max_tokens:
+                group.append(i)
+                continue
+        groups.append([i])  # an example longer than max_tokens still gets its own micro-batch
     return groups
 
 

@@ -4,8 +4,9 @@ A packed micro-batch is one row of concatenated sequences with position ids rest
 the sequence boundaries (`segments`). The model runs with the attention implementation registered here,
 `forgetting_packed`: for a packed batch it runs transformers' own SDPA attention once per sequence (causal,
 no mask), so no token sees another sequence and no FLOP is spent on padding; for any other call it is exactly
-SDPA. The linear layers, which are most of the work, see only real tokens. On a CPU this is ~15% faster than
-padded micro-batches on the built-in task (BENCHMARKS.md); the loss and gradients equal the padded ones (tests).
+SDPA. The linear layers, which are most of the work, see only real tokens. On a CPU a step is ~8% faster than
+with padded micro-batches on the built-in task (BENCHMARKS.md); loss and gradients equal the padded ones (tests).
+Micro-batches are formed by `harness.batching.micro_batches(..., packed=True)`.
 
 A model whose attention does not go through transformers' attention interface would silently let sequences
 see each other; `packed_attention` counts the calls and `train` refuses such a model after its first step.
@@ -88,17 +89,3 @@ def pack(examples: list[Example]) -> dict:
         segments.append(segments[-1] + len(example))
     row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
     return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions), "segments": tuple(segments)}
-
-
-def packed_micro_batches(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Greedy groups of length-sorted examples whose total length fits `max_tokens` (no padding to count)."""
-    groups: list[list[int]] = []
-    total = 0
-    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
-        if groups and total + lengths[i] <= max_tokens:
-            groups[-1].append(i)
-            total += lengths[i]
-        else:
-            groups.append([i])  # an example longer than max_tokens still gets its own micro-batch
-            total = lengths[i]
-    return groups

@@ -144,8 +144,7 @@ def accumulate_gradients(model, accelerator, examples: list[Example], micro_batc
     on this process, padded tokens, real tokens).
     """
     lengths = [len(e) for e in examples]
-    grouping = packing.packed_micro_batches if packed else micro_batches
-    groups = grouping(list(range(len(examples))), lengths, micro_batch_tokens)
+    groups = micro_batches(list(range(len(examples))), lengths, micro_batch_tokens, packed=packed)
     step_loss = torch.zeros((), device=accelerator.device)
     padded = real = 0
     for i, group in enumerate(groups):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness import packing
-from harness.batching import collate
+from harness.batching import collate, micro_batches
 from harness.config import DataConfig, load_job
 from harness.data import load_conversations, tokenize_all
 from harness.errors import RunError, UserError
@@ -29,10 +29,10 @@ def test_pack_layout_restarts_positions_and_masks_each_first_label():
 
 def test_packed_micro_batches_fill_the_token_budget_without_padding():
     lengths = [5, 3, 9, 2, 4]
-    groups = packing.packed_micro_batches(list(range(5)), lengths, max_tokens=10)
+    groups = micro_batches(list(range(5)), lengths, max_tokens=10, packed=True)
     assert sorted(i for group in groups for i in group) == [0, 1, 2, 3, 4]
     assert all(sum(lengths[i] for i in group) <= 10 for group in groups)
-    assert packing.packed_micro_batches([0], [50], max_tokens=10) == [[0]]  # too long: alone, not dropped
+    assert micro_batches([0], [50], max_tokens=10, packed=True) == [[0]]  # too long: alone, not dropped
 
 
 @pytest.fixture
