@@ -69,21 +69,25 @@ def make_step(system: str, setup, precision: str = "fp32", lora: bool = False,
 
 
 def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bool = True,
-                 micro_batch_tokens: int = 1 << 20, penalty=None, penalty_grad=None) -> Callable[[], None]:
+                 micro_batch_tokens: int = 1 << 20, penalty=None, penalty_grad=None,
+                 skip_unread: bool = True) -> Callable[[], None]:
     """One optimizer step of this harness's loop on `model` (its trainable parameters; AdamW, clipping).
 
     `penalty(model, ctx)` / `penalty_grad(model, ctx)` are mitigation hooks as the training loop calls them.
-    Default: one micro-batch per step, as the baselines get; packed, as train.packing=auto is on a CPU.
+    Default: one micro-batch per step, as the baselines get; packed, as train.packing=auto is on a CPU; the
+    last layer skipped where no logit is taken, as the loop does without compile or checkpointing.
     """
     from accelerate import Accelerator
 
-    from harness import packing
+    from harness import last_layer, packing
     from harness.batching import target_tokens
     from harness.config import TrainConfig
     from harness.train import accumulate_gradients, make_optimizer
 
     if packed:
         packing.enable(model)  # the benchmark's own copy stays packed
+    if skip_unread:
+        last_layer.enable(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer([{"params": params}], TrainConfig(lr=1e-5), torch.device("cpu"))
     accelerator = Accelerator(cpu=True)
@@ -120,7 +124,8 @@ def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
         model.compile()
     model.train()
     packed = not compile  # what train.packing=auto chooses on a CPU
-    run = harness_step(model, tokenizer, examples, precision, packed=packed)
+    run = harness_step(model, tokenizer, examples, precision, packed=packed,
+                       skip_unread=not (compile or gradient_checkpointing))
     real = sum(len(e) for e in examples)
     if packed:
         kept = int(next_token_targets(packing.pack(examples)["labels"])[0].sum())

@@ -31,8 +31,10 @@ def packed_attention(module, query, key, value, attention_mask, segments=None, *
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     CALLS["packed"] += 1
-    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
-               for a, b in zip(segments[:-1], segments[1:])]
+    lengths = [b - a for a, b in zip(segments[:-1], segments[1:])]
+    # split, not slicing: the backward of one split is one cat, that of each slice a zero-filled full-size tensor
+    outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outputs, dim=1), None
 
 

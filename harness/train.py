@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from harness import checkpoint as ckpt
-from harness import packing
+from harness import last_layer, packing
 from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
 from harness.config import TrainJob
 from harness.configlib import to_dict
@@ -282,6 +282,9 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     pad_id = tokenizer.pad_token_id
     packed = use_packing(t, accelerator.unwrap_model(model), accelerator.device)
     restore_attention = packing.enable(accelerator.unwrap_model(model)) if packed else None
+    # exact: the last layer's MLP and output projection run only where a logit is taken (harness.last_layer)
+    skip_unread = not (t.compile or t.gradient_checkpointing)
+    restore_last_layer = last_layer.enable(accelerator.unwrap_model(model)) if skip_unread else None
     if is_main:
         print(f"micro-batches: {'packed, no padding' if packed else 'padded'} (train.packing={t.packing}), "
               f"up to {t.micro_batch_tokens} tokens each", flush=True)
@@ -339,8 +342,9 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     progress.close()
     if board is not None:
         board.close()
-    if restore_attention is not None:
-        restore_attention()
+    for restore in (restore_attention, restore_last_layer):
+        if restore is not None:
+            restore()
 
     # ---- finish: reports, final checkpoint, summary
     padded_total, real_total = accelerator.reduce(torch.tensor([padded_total, real_total], device=accelerator.device),

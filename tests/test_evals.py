@@ -104,10 +104,10 @@ def test_ifeval_checkers_run_offline_with_a_fresh_cache(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_eval_model(tokenizer):
+    import copy
+
     from harness.formats import attach_format
     from harness.models import tiny_model
-
-    import copy
 
     tok = copy.deepcopy(tokenizer)
     attach_format(tok, "chatml")
