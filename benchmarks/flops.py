@@ -3,8 +3,8 @@
 MFU follows the usual convention (PaLM, nanoGPT): 6 N FLOPs per real token (N = all parameters, the tied
 embedding counted once as the LM head), over the measured peak. Because our loop never projects prompt positions
 to the vocabulary, it executes fewer FLOPs than 6 N per token; `executed_flops` counts what the step actually
-multiplies (linear layers over padded tokens, the LM head over the positions kept, attention scores), so the
-hardware utilisation can be read beside the MFU.
+multiplies (linear layers over padded tokens less the last layer's skipped positions, the LM head over the
+positions kept, attention scores), so the hardware utilisation can be read beside the MFU.
 """
 
 from __future__ import annotations
@@ -47,5 +47,12 @@ def step_flops(model, step) -> dict[str, float]:
     # packed rows: each sequence against itself
     attention = 3 * 2 * 2 * step.attention_pairs * config.hidden_size * config.num_hidden_layers
     executed = 6 * body * step.padded + 6 * head * step.kept_positions + attention
+    if step.tail_skipped:  # ours: the last layer's MLP and output projection only where a logit is taken
+        from harness.last_layer import last_decoder_layer
+
+        layer = last_decoder_layer(model)
+        tail = sum(m.weight.numel() for m in [*layer.mlp.modules(), layer.self_attn.o_proj]
+                   if isinstance(m, torch.nn.Linear))
+        executed -= 6 * tail * step.tail_skipped
     return {"model_flops_6n": 6 * total * step.tokens, "executed_flops": float(executed)}
 

@@ -30,6 +30,7 @@ class Step:
     rows: int  # rows per step (padded: one per sequence; packed: one)
     kept_positions: int  # positions projected to the vocabulary (ours: response positions only)
     attention_pairs: int  # query-key pairs the attention computes: sum over attention blocks of width^2
+    tail_skipped: int = 0  # positions where the last layer's MLP and output projection do not run (harness.last_layer)
 
 
 def embedded_setup(batch: int = BATCH, max_seq_len: int = 256):
@@ -124,16 +125,17 @@ def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
         model.compile()
     model.train()
     packed = not compile  # what train.packing=auto chooses on a CPU
-    run = harness_step(model, tokenizer, examples, precision, packed=packed,
-                       skip_unread=not (compile or gradient_checkpointing))
+    skip_unread = not (compile or gradient_checkpointing)
+    run = harness_step(model, tokenizer, examples, precision, packed=packed, skip_unread=skip_unread)
     real = sum(len(e) for e in examples)
     if packed:
         kept = int(next_token_targets(packing.pack(examples)["labels"])[0].sum())
-        return Step(run, real, real, 1, kept, sum(len(e) ** 2 for e in examples))
+        return Step(run, real, real, 1, kept, sum(len(e) ** 2 for e in examples), (real - kept) * skip_unread)
     batch = collate(examples, tokenizer.pad_token_id)
     kept = int(next_token_targets(batch["labels"])[0].sum())
     rows, width = batch["input_ids"].shape
-    return Step(run, real, batch["input_ids"].numel(), rows, kept, rows * width * width)
+    padded = batch["input_ids"].numel()
+    return Step(run, real, padded, rows, kept, rows * width * width, (padded - kept) * skip_unread)
 
 
 def _trainer_step(trainer, batch, num_items, precision) -> Callable[[], None]:

@@ -6,6 +6,8 @@ the sequence boundaries (`segments`). The model runs with the attention implemen
 no mask), so no token sees another sequence and no FLOP is spent on padding; for any other call it is exactly
 SDPA. The linear layers, which are most of the work, see only real tokens. On a CPU a step is ~8% faster than
 with padded micro-batches on the built-in task (BENCHMARKS.md); loss and gradients equal the padded ones (tests).
+On a CPU the packed attention runs in fp32 even under bf16 autocast: the CPU's bf16 flash-attention backward
+takes ~2x the time of fp32's at these sizes, and a bf16 step spent a quarter of its time there.
 Micro-batches are formed by `harness.batching.micro_batches(..., packed=True)`.
 
 A model whose attention does not go through transformers' attention interface would silently let sequences
@@ -15,6 +17,7 @@ see each other; `packed_attention` counts the calls and `train` refuses such a m
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -32,10 +35,15 @@ def packed_attention(module, query, key, value, attention_mask, segments=None, *
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     CALLS["packed"] += 1
     lengths = [b - a for a, b in zip(segments[:-1], segments[1:])]
-    # split, not slicing: the backward of one split is one cat, that of each slice a zero-filled full-size tensor
-    outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
-               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
-    return torch.cat(outputs, dim=1), None
+    dtype = value.dtype
+    on_cpu = query.device.type == "cpu"
+    if on_cpu:  # in fp32 even under bf16 autocast: the CPU's bf16 flash-attention backward is ~2x slower
+        query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast("cpu", enabled=False) if on_cpu else nullcontext():
+        # split, not slicing: the backward of one split is one cat, that of each slice a zero-filled full tensor
+        outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+                   for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    return torch.cat(outputs, dim=1).to(dtype), None
 
 
 def _mask(*args, **kwargs):

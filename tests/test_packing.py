@@ -107,3 +107,19 @@ def test_packing_needs_sdpa_and_excludes_compile(tmp_path):
         train(job(tmp_path, "train.packing=packed", "model.attn_implementation=eager"))
     with pytest.raises(UserError, match="cannot be combined with train.compile"):
         job(tmp_path, "train.packing=packed", "train.compile=true")
+
+
+def test_packed_attention_runs_in_fp32_on_a_cpu_under_bf16_autocast():
+    """The CPU's bf16 flash-attention backward is ~2x slower than fp32's, so packed attention upcasts there."""
+    import torch.nn.functional as F
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 1, True, True
+    q, k, v = (torch.randn(1, 2, 7, 8).to(torch.bfloat16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packing.packed_attention(module, q, k, v, None, segments=(0, 3, 7), scaling=8 ** -0.5, dropout=0.0)
+    expected = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(),
+                                                         v[:, :, a:b].float(), is_causal=True).transpose(1, 2)
+                          for a, b in ((0, 3), (3, 7))], dim=1)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.to(torch.bfloat16))
