@@ -47,16 +47,37 @@ def cmd_train(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    from harness.config import TrainJob
-    from harness.configlib import describe, to_dict
+    from harness.configlib import to_dict
 
     if args.reference:
-        print("| key | default | meaning |\n|---|---|---|")
-        for key, default, help_text in describe(TrainJob):
-            print(f"| `{key}` | `{default}` | {help_text} |")
+        print(reference())
         return 0
     print(yaml.safe_dump(to_dict(_job(args)), sort_keys=False), end="")
     return 0
+
+
+def reference() -> str:
+    """Every knob as Markdown tables: a training job, an experiment, a strategy, each registered mitigation."""
+    from harness.config import TrainJob
+    from harness.configlib import describe
+    from harness.experiment import Experiment, Strategy
+    from mitigations import registered
+
+    def table(rows) -> list[str]:
+        return ["| key | default | meaning |", "|---|---|---|"] + [
+            f"| `{key}` | `{default}` | {help_text} |" for key, default, help_text in rows]
+
+    job_sections = ("model.", "data.", "train.")
+    lines = ["### A training job (`forgetting train`, `forgetting config`)", ""] + table(describe(TrainJob))
+    lines += ["", "### An experiment (`forgetting run`)", "",
+              "`model.*`, `data.*` and `train.*` as in a training job (shared by every strategy), and:", ""]
+    lines += table(row for row in describe(Experiment) if not row[0].startswith(job_sections))
+    lines += ["", "### A strategy (an item of an experiment's `strategies`)", ""] + table(describe(Strategy))
+    lines += ["", "### Mitigations (an item of `mitigations`: `{name: NAME, KNOB: value}`; a sweep axis is "
+              "`NAME.KNOB`)", ""]
+    lines += table((f"{name}.{key}", default, help_text) for name, (config_cls, _) in sorted(registered().items())
+                   for key, default, help_text in describe(config_cls))
+    return "\n".join(lines)
 
 
 def cmd_data(args) -> int:

@@ -60,6 +60,12 @@ def _load_builtin() -> None:
     from mitigations import ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft  # noqa: F401
 
 
+def registered() -> dict[str, tuple[type, type]]:
+    """Every mitigation name -> (config dataclass, implementation), the built-in ones included."""
+    _load_builtin()
+    return dict(REGISTRY)
+
+
 def _config_of(spec: Any, index: int) -> tuple[str, Any]:
     where = f"mitigations[{index}]"
     if not isinstance(spec, dict) or "name" not in spec:

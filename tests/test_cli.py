@@ -51,8 +51,16 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_config_prints_resolved_yaml_and_reference():
     result = run_cli("config", "train.lr=3e-5")
     assert result.returncode == 0 and "lr: 3.0e-05" in result.stdout
-    reference = run_cli("config", "--reference")
-    assert "| `train.micro_batch_tokens` |" in reference.stdout
+    reference = run_cli("config", "--reference").stdout
+    job, experiment = reference.split("### An experiment")
+    assert "| `train.micro_batch_tokens` |" in job and "| `output_dir` | `'runs/train'` |" in job
+    experiment, strategy = experiment.split("### A strategy")
+    strategy, mitigations = strategy.split("### Mitigations")
+    assert "| `seeds` |" in experiment and "| `eval.batch_size` |" in experiment
+    assert "| `output_dir` | `'runs/experiment'` |" in experiment and "`train.lr`" not in experiment
+    assert "| `sweep` |" in strategy
+    for key in ("ewc.strength", "lora.r", "replay.ratio", "wise_ft.alphas", "freeze.layers"):
+        assert f"| `{key}` |" in mitigations
 
 
 def test_data_command_shows_the_mask():
@@ -78,3 +86,12 @@ def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tok
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr and out.read_text() == before
     missing = run_cli("eval", str(tmp_path / "nope"), "--output", str(tmp_path / "x.json"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_readme_config_reference_is_the_generated_one():
+    from pathlib import Path
+
+    from harness.cli import reference
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert reference() in readme, "README's config reference is stale: paste `forgetting config --reference`"
