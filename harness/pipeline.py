@@ -59,10 +59,10 @@ def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
 
     from harness.train import comparable
 
-    resolved = comparable(to_dict(exp))
+    resolved = comparable(to_dict(exp), Experiment)
     saved = run_dir / EXPERIMENT_FILE
     if saved.is_file():
-        old = comparable(yaml.safe_load(saved.read_text()))
+        old = comparable(yaml.safe_load(saved.read_text()), Experiment)
         if old != resolved:
             raise UserError(f"{run_dir}: holds a different experiment ({_first_difference(old, resolved)}); "
                             f"rerun with the same config to resume, or choose another output_dir")

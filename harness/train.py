@@ -27,9 +27,9 @@ from harness import checkpoint as ckpt
 from harness import last_layer, packing
 from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
 from harness.config import TrainJob
-from harness.configlib import to_dict
+from harness.configlib import from_dict, to_dict
 from harness.data import DataStats, load_conversations, tokenize_all
-from harness.errors import RunError, UserError
+from harness.errors import HarnessError, RunError, UserError
 from harness.formats import Example, attach_format
 from harness.io import atomic_write_text, atomic_write_yaml
 from harness.loss import mean_response_loss, summed_response_loss
@@ -161,8 +161,16 @@ def accumulate_gradients(model, accelerator, examples: list[Example], micro_batc
     return step_loss, padded, real
 
 
-def comparable(config: dict) -> dict:
-    """A resolved config without the knobs that do not change results (the progress bar)."""
+def comparable(config: dict, cls: type = TrainJob) -> dict:
+    """`config` as `cls` resolves it today, without the knobs that do not change results (the progress bar).
+
+    Resolving first gives knobs added since a run was saved their defaults, so an older run still resumes; a
+    saved config that no longer resolves (a removed knob) is compared as saved, and so differs.
+    """
+    try:
+        config = to_dict(from_dict(cls, config))
+    except (HarnessError, ValueError, TypeError):
+        pass
     return dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
 
 

@@ -165,6 +165,22 @@ def test_a_different_experiment_in_the_same_directory_is_refused(finished, capsy
     assert "holds a different experiment (train.lr: 0.001 in the run, 0.5 now)" in err
 
 
+def test_an_experiment_saved_before_a_knob_existed_resumes(finished, capsys):
+    import yaml
+
+    tmp_path, path = finished
+    saved = tmp_path / "run" / "experiment.yaml"
+    original = saved.read_text()
+    config = yaml.safe_load(original)
+    del config["train"]["packing"], config["eval"]["seed"]  # as if saved before these knobs existed
+    saved.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    try:
+        assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    finally:
+        saved.write_text(original)
+
+
 def test_a_failing_unit_is_marked_and_the_others_go_on(tmp_path, capsys):
     config = experiment(tmp_path, strategies=[{"name": "explode", "overrides": {"train.lr": 1.0e+30}},
                                               {"name": "naive"}])

@@ -172,6 +172,22 @@ def test_rerun_of_a_finished_run_trains_nothing_and_other_configs_are_refused(tm
         train(job(tmp_path, name="other"))
 
 
+def test_a_run_saved_before_a_knob_existed_still_resumes(tmp_path):
+    """Knobs added since a run was saved take their defaults; a knob the code no longer knows is a difference."""
+    import yaml
+
+    first = train(job(tmp_path))
+    saved = tmp_path / "run" / "forgetting_config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    del config["train"]["packing"], config["train"]["compile"]  # as saved before session 3
+    saved.write_text(yaml.safe_dump(config))
+    assert train(job(tmp_path)).last_loss == first.last_loss  # finished: nothing to train
+    config["train"]["retired_knob"] = 1
+    saved.write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match="holds a run with a different config"):
+        train(job(tmp_path))
+
+
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RunError, match=r"non-finite loss \(.*\) or gradient norm \(.*\) at step \d; not applied"):
         train(job(tmp_path, "train.lr=1e30", "train.max_steps=3", "train.grad_clip=null", "train.warmup_ratio=0",
