@@ -6,8 +6,16 @@ import pytest
 
 from harness.config import DataConfig
 from harness.data import tokenize_all
-from harness.formats import (FORMAT_NAMES, IGNORE_INDEX, Example, attach_format, render, template_for,
-                             tokenize_conversation, truncate)
+from harness.formats import (
+    FORMAT_NAMES,
+    IGNORE_INDEX,
+    Example,
+    attach_format,
+    render,
+    template_for,
+    tokenize_conversation,
+    truncate,
+)
 from tests.conftest import conversation
 
 END_MARKER = {"chatml": "<|im_end|>", "alpaca": "<|im_end|>", "plain": "<|im_end|>", "chat_template": "<|im_end|>"}
