@@ -70,13 +70,12 @@ def make_step(system: str, setup, precision: str = "fp32", lora: bool = False,
 
 
 def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bool = True,
-                 micro_batch_tokens: int = 1 << 20, penalty=None, penalty_grad=None,
-                 skip_unread: bool = True) -> Callable[[], None]:
+                 micro_batch_tokens: int = 1 << 20, penalty=None, penalty_grad=None) -> Callable[[], None]:
     """One optimizer step of this harness's loop on `model` (its trainable parameters; AdamW, clipping).
 
     `penalty(model, ctx)` / `penalty_grad(model, ctx)` are mitigation hooks as the training loop calls them.
     Default: one micro-batch per step, as the baselines get; packed, as train.packing=auto is on a CPU; the
-    last layer skipped where no logit is taken, as the loop does without compile or checkpointing.
+    last layer skipped where no logit is taken (harness.last_layer), as in the loop.
     """
     from accelerate import Accelerator
 
@@ -87,8 +86,7 @@ def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bo
 
     if packed:
         packing.enable(model)  # the benchmark's own copy stays packed
-    if skip_unread:
-        last_layer.enable(model)
+    last_layer.enable(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer([{"params": params}], TrainConfig(lr=1e-5), torch.device("cpu"))
     accelerator = Accelerator(cpu=True)
@@ -125,8 +123,8 @@ def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
         model.compile()
     model.train()
     packed = not compile  # what train.packing=auto chooses on a CPU
-    skip_unread = not (compile or gradient_checkpointing)
-    run = harness_step(model, tokenizer, examples, precision, packed=packed, skip_unread=skip_unread)
+    run = harness_step(model, tokenizer, examples, precision, packed=packed)
+    skip_unread = not (compile or gradient_checkpointing)  # when harness.last_layer applies, for the FLOP count
     real = sum(len(e) for e in examples)
     if packed:
         kept = int(next_token_targets(packing.pack(examples)["labels"])[0].sum())

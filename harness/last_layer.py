@@ -39,12 +39,14 @@ def last_decoder_layer(model) -> torch.nn.Module | None:
 def enable(model) -> Callable[[], None]:
     """Run the last layer's MLP and output projection only at kept positions; returns the undo function.
 
-    A model without a recognised last layer is left as it is (the undo function then does nothing).
+    A model without a recognised last layer, with gradient checkpointing on, or compiled is left as it is (the
+    undo function then does nothing).
     """
     layer = last_decoder_layer(model)
-    if layer is None:
-        return lambda: None
     base = transformers_model(model)
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in (model, base))  # nn.Module.compile
+    if layer is None or getattr(base, "is_gradient_checkpointing", False) or compiled:
+        return lambda: None
     kept = {"mask": None}  # the current call's logits_to_keep mask, set only while the model runs
 
     def remember(module, args, kwargs):

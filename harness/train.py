@@ -291,8 +291,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     packed = use_packing(t, accelerator.unwrap_model(model), accelerator.device)
     restore_attention = packing.enable(accelerator.unwrap_model(model)) if packed else None
     # exact: the last layer's MLP and output projection run only where a logit is taken (harness.last_layer)
-    skip_unread = not (t.compile or t.gradient_checkpointing)
-    restore_last_layer = last_layer.enable(accelerator.unwrap_model(model)) if skip_unread else None
+    restore_last_layer = last_layer.enable(accelerator.unwrap_model(model))
     if is_main:
         print(f"micro-batches: {'packed, no padding' if packed else 'padded'} (train.packing={t.packing}), "
               f"up to {t.micro_batch_tokens} tokens each", flush=True)
@@ -350,9 +349,9 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     progress.close()
     if board is not None:
         board.close()
-    for restore in (restore_attention, restore_last_layer):
-        if restore is not None:
-            restore()
+    restore_last_layer()
+    if restore_attention is not None:
+        restore_attention()
 
     # ---- finish: reports, final checkpoint, summary
     padded_total, real_total = accelerator.reduce(torch.tensor([padded_total, real_total], device=accelerator.device),
