@@ -155,7 +155,7 @@ def test_gate_fails_the_embedded_model_after_an_aggressive_fine_tune(tmp_path, c
     base = tmp_path / "base.json"
     assert main(["eval", "embedded:smollm2-135m-instruct", "--tasks", "forgetting_knowledge,forgetting_target",
                  "--limit", "48", "--output", str(base)]) == 0
-    assert main(["train", "configs/demo.yaml", "train.lr=1e-3", "train.max_steps=12", "train.precision=bf16",
+    assert main(["train", "configs/demo.yaml", "train.lr=1e-3", "train.max_steps=12", "train.precision=fp32",
                  "train.save_every=0", "data.eval_split=null", "train.progress=false",
                  f"output_dir={tmp_path / 'tuned'}"]) == 0
     capsys.readouterr()
