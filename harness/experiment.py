@@ -56,7 +56,7 @@ class Experiment:
     eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "lm-eval tasks and settings, before and after"})
     strategies: list[dict[str, Any]] = knob([{"name": "naive"}], "strategies to compare (see Strategy)")
     seeds: list[int] = knob([0], "training seeds; every strategy runs once per seed")
-    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "weights dtype for evaluation (training keeps fp32 master weights); auto: bf16 on a capable GPU, else fp32")
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "weights dtype for evaluation (training keeps fp32 master weights); auto: bf16 where the hardware computes it natively (a bf16 GPU, a CPU with avx512_bf16/amx_bf16), else fp32")
     target_task: Optional[str] = knob("forgetting_target", "the task that measures what the SFT teaches (a gain, not forgetting); null: none")
     primary_metrics: dict[str, str] = knob({}, "task -> metric the reports compare (defaults: the suite's own; else the task's first metric)")
     keep_models: bool = knob(True, "keep each unit's final model (false: delete the weights once evaluated)")

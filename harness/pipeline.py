@@ -31,6 +31,7 @@ from harness.configlib import to_dict
 from harness.errors import RunError, UserError
 from harness.experiment import Experiment, Unit, units
 from harness.io import atomic_write_json, atomic_write_yaml
+from harness.precision import resolve_eval_dtype, resolve_precision
 
 EXPERIMENT_FILE = "experiment.yaml"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval", "pandas", "numpy")
@@ -74,8 +75,8 @@ def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
     return False
 
 
-def environment() -> dict:
-    """What produced the results: interpreter, package versions, device, git commit of this checkout."""
+def environment(exp: Experiment | None = None) -> dict:
+    """What produced the results: interpreter, package versions, device, precisions chosen, git commit."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -94,13 +95,23 @@ def environment() -> dict:
         commit = None
     return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": sys.version.split()[0],
             "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
-            "packages": versions, "git_commit": commit, "argv": sys.argv}
+            "packages": versions, "git_commit": commit, "argv": sys.argv,
+            **({"precision": precisions(exp)} if exp is not None else {})}
 
 
-def _append_environment(run_dir: Path) -> None:
+def precisions(exp: Experiment) -> dict:
+    """The training precision and evaluation dtype `auto` resolves to here, and why (hardware bf16 support)."""
+    train, train_why = resolve_precision(exp.train.precision)
+    evaluation, eval_why = resolve_eval_dtype(exp.eval_dtype)
+    return {"train": train, "train_reason": train_why, "eval_dtype": evaluation, "eval_reason": eval_why}
+
+
+def _append_environment(run_dir: Path, exp: Experiment) -> dict:
     path = run_dir / "environment.json"
     history = json.loads(path.read_text()) if path.is_file() else []
-    atomic_write_json(path, history + [environment()])
+    record = environment(exp)
+    atomic_write_json(path, history + [record])
+    return record
 
 
 def check_same_data(saved: dict, now: dict) -> None:
@@ -244,10 +255,12 @@ def run_experiment(exp: Experiment) -> Path:
     if resuming and (run_dir / "data_hashes.json").is_file():
         check_same_data(json.loads((run_dir / "data_hashes.json").read_text()), hashes)
     atomic_write_json(run_dir / "data_hashes.json", hashes)
-    _append_environment(run_dir)
+    chosen = _append_environment(run_dir, exp)["precision"]
     manifest = Manifest(run_dir)
     print(f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
           f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}", flush=True)
+    print(f"training precision {chosen['train']} ({chosen['train_reason']}); evaluation dtype "
+          f"{chosen['eval_dtype']} ({chosen['eval_reason']})", flush=True)
 
     if not manifest.done("base"):
         started = time.perf_counter()

@@ -34,6 +34,7 @@ from harness.formats import Example, attach_format
 from harness.io import atomic_write_text, atomic_write_yaml
 from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import load_model, load_tokenizer
+from harness.precision import resolve_precision
 from mitigations import build_mitigations, hook_results
 
 
@@ -89,11 +90,11 @@ def make_optimizer(groups: list[dict], t, device: torch.device) -> torch.optim.O
 
 
 def make_accelerator(job: TrainJob):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
-    precision = job.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    precision, why = resolve_precision(job.train.precision)
+    if PartialState().is_main_process:
+        print(f"precision: {precision} ({why})", flush=True)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())

@@ -117,6 +117,8 @@ def test_run_directory_holds_everything_the_reports_need(finished):
     assert {d["role"] for d in datasets} == {"train", "heldout"} and all(len(d["blake2"]) == 32 for d in datasets)
     env = json.loads((run / "environment.json").read_text())[0]
     assert env["packages"]["torch"] and env["packages"]["lm_eval"]
+    assert env["precision"] == {"train": "fp32", "train_reason": "auto: FORGETTING_CPU_BF16=emulated",
+                                "eval_dtype": "float32", "eval_reason": "auto: FORGETTING_CPU_BF16=emulated"}
     # the evaluated documents: knowledge spread over the task, the others the first `limit`
     base = json.loads((run / "base" / "eval.json").read_text())
     assert [s["doc_id"] for s in base["samples"]["forgetting_knowledge"]] == [(i * 309) // 6 for i in range(6)]
