@@ -21,7 +21,7 @@ import pandas as pd
 from harness.errors import UserError
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from reports import plots
-from reports.forgetting import benchmark_table, strategy_table
+from reports.forgetting import LOSS_TEXT, benchmark_table, strategy_table
 from reports.instruction import health_table, ifeval_table, instruction_types
 from reports.render import Section, interval, number, percent, to_html, to_markdown
 from reports.tidy import build_tables
@@ -58,6 +58,7 @@ def _benchmark_view(benchmarks: pd.DataFrame) -> pd.DataFrame:
         "relative [CI]": [percent(r) + (f" {interval(lo, hi, percent)}" if _finite(r) else "") for r, lo, hi in
                           zip(rows["rel_delta"], col("rel_ci_low"), col("rel_ci_high"))],
         "stderr CI": [interval(lo, hi) for lo, hi in zip(rows["se_ci_low"], rows["se_ci_high"])],
+        "loss": ["target" if t else percent(v) for t, v in zip(rows["target"], col("loss"))],
         "forgot": col("forgot").map(lambda v: percent(v).lstrip("+")),
         "learned": col("learned").map(lambda v: percent(v).lstrip("+"))})
 
@@ -115,13 +116,19 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
 
     failed = unit_table[unit_table["status"] != "done"] if not unit_table.empty else unit_table
     forgetting = [
-        Section("Ranking", "Forgetting is the mean relative loss over the general (non-target) benchmarks, each in its "
-                "good direction (benchmarks whose base score is 0 have no relative change and are left out); "
-                "± is the spread over seeds. Ranked by least forgetting, then by target gain.",
+        Section("Ranking", "Forgetting is the mean of the general (non-target) benchmarks' losses (the 'loss' column "
+                "of Per benchmark), computed per seed and averaged over seeds; ± is the std over seeds. " + LOSS_TEXT +
+                " Target gain: the target metric's change in its good direction (a − b, or b − a when lower is "
+                "better), seeds averaged. Ranked by least forgetting, then by larger target gain. Pareto: no other "
+                "strategy has less or equal forgetting and greater or equal target gain, one of them strictly.",
                 _ranking_view(summary) if not summary.empty else None, "pareto.png"),
-        Section("Per benchmark", "Base and after scores (after: mean over seeds ± their std). The CI of the delta is a "
+        Section("Per benchmark", "Base and after scores (after: mean over seeds ± their std); delta = after − base "
+                "and relative = delta / |base|, as measured (not turned by direction). The CI of the delta is a "
                 "paired bootstrap over examples; 'stderr CI' is the unpaired interval from lm-eval's stderrs. "
-                "'forgot' is the share of base-correct examples now wrong, 'learned' of base-wrong now right.",
+                "'loss' is the benchmark's term of forgetting (defined under Ranking; > 0: worse; mean over seeds). "
+                "'forgot' is the share of examples with a good base outcome (correct; for a failure rate such as "
+                "leak rate, no failure) that are now bad, 'learned' the share of bad base outcomes now good "
+                "(mean over seeds).",
                 _benchmark_view(benchmarks) if not benchmarks.empty else None, "deltas.png"),
         Section("WiSE-FT interpolations", "Weights base + alpha (tuned - base).", _wise_view(summary))
         if not summary.empty and (summary["variant"] != "final").any() else None,
@@ -131,11 +138,14 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
     ]
     instruction = [
         Section("IFEval-style instruction following", "Prompt- and instruction-level accuracy, strict and loose "
-                "(± lm-eval stderr; after: mean over seeds).", _before_after_view(ifeval)),
+                "(± lm-eval stderr; after: the mean over seeds of the score and of its stderr).",
+                _before_after_view(ifeval)),
         Section("Per instruction type", "Instruction-level strict accuracy; base and each strategy after "
                 "(seeds pooled).", types.round(3) if not types.empty else None),
-        Section("Format health", "Leakage of template markers into answers to foreign-format prompts, answer length "
-                "in words (after / base = length calibration), answers ending cleanly, empty answers.",
+        Section("Format health", "Leakage of template markers into answers to foreign-format prompts (leak_rate, "
+                "lower is better), answer length in words (response_words; after / base is the length ratio: 1 is "
+                "calibrated, and longer and shorter both drift), answers ending cleanly, empty answers (empty_rate, "
+                "lower is better). ± lm-eval stderr; after: the mean over seeds of the score and of its stderr.",
                 _before_after_view(health)),
     ]
     forgetting = [s for s in forgetting if s is not None]

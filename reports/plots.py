@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports.forgetting import TWO_SIDED
+
 
 def _figure():
     import matplotlib
@@ -29,7 +31,8 @@ def _png(fig) -> bytes:
 
 
 def deltas_plot(benchmarks: pd.DataFrame) -> bytes | None:
-    """Relative change of each non-target benchmark per strategy (good direction up), 95% paired CI bars."""
+    """Relative change of each non-target benchmark per strategy (good direction up; a two-sided metric such as
+    answer length as measured, where 0 is best), 95% paired CI bars."""
     table = benchmarks[(benchmarks["variant"] == "final") & ~benchmarks["target"]]
     if table.empty:
         return None
@@ -37,10 +40,11 @@ def deltas_plot(benchmarks: pd.DataFrame) -> bytes | None:
     tasks = list(dict.fromkeys(table["task"]))
     strategies = list(dict.fromkeys(table["strategy"]))
     width = 0.8 / len(strategies)
+    two_sided = set(table.loc[table["metric"].isin(TWO_SIDED), "task"])
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
     for k, strategy in enumerate(strategies):
         rows = table[table["strategy"] == strategy].set_index("task").reindex(tasks)
-        sign = np.where(rows["higher_is_better"].fillna(True).astype(bool), 1.0, -1.0)
+        sign = np.where(rows["higher_is_better"].fillna(True).astype(bool) | rows.index.isin(two_sided), 1.0, -1.0)
         value = 100 * sign * rows["rel_delta"].to_numpy(dtype=float)
         low = 100 * sign * rows.get("rel_ci_low", pd.Series(math.nan, index=rows.index)).to_numpy(dtype=float)
         high = 100 * sign * rows.get("rel_ci_high", pd.Series(math.nan, index=rows.index)).to_numpy(dtype=float)
@@ -48,8 +52,9 @@ def deltas_plot(benchmarks: pd.DataFrame) -> bytes | None:
         ax.bar(np.arange(len(tasks)) + (k - (len(strategies) - 1) / 2) * width, value, width, yerr=errors,
                capsize=3, label=strategy)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(tasks)), [f"{t.removeprefix('forgetting_')}\n{m}" for t, m in
-                                      dict.fromkeys(zip(table["task"], table["metric"]))], fontsize=8)
+    labels = [f"{t.removeprefix('forgetting_')}\n{m}" + ("\n(0 is best)" if m in TWO_SIDED else "")
+              for t, m in dict.fromkeys(zip(table["task"], table["metric"]))]
+    ax.set_xticks(range(len(tasks)), labels, fontsize=8)
     ax.set_ylabel("change vs base, % (up = better)")
     ax.set_title("Benchmark change by strategy (95% paired bootstrap CI)")
     ax.legend(fontsize=8)
@@ -76,8 +81,8 @@ def pareto_plot(summary: pd.DataFrame) -> bytes | None:
                         textcoords="offset points", xytext=(4, -8))
     front = summary[summary["pareto"]].sort_values("forgetting")
     ax.plot(100 * front["forgetting"], front["target_gain"], "--", color="black", linewidth=1, label="Pareto front")
-    ax.set_xlabel("forgetting, % (mean relative loss on general benchmarks)")
-    ax.set_ylabel("target-task gain (absolute)")
+    ax.set_xlabel("forgetting, % (mean loss on general benchmarks)")
+    ax.set_ylabel("target-task gain (absolute, good direction up)")
     ax.set_title("What each strategy bought, and what it cost")
     ax.legend(fontsize=8)
     return _png(fig)

@@ -51,15 +51,20 @@ def paired_bootstrap(table: pd.DataFrame, iters: int = 2000, seed: int = 0, leve
             "rel_ci_low": float(rel_low), "rel_ci_high": float(rel_high), "items": int(len(table))}
 
 
-def example_transitions(table: pd.DataFrame) -> dict:
-    """For 0/1 scores: share of base-correct items now wrong (forgot) and of base-wrong now right (learned)."""
+def example_transitions(table: pd.DataFrame, higher_is_better: bool = True) -> dict:
+    """For 0/1 scores: share of base-good items now bad (forgot) and of base-bad now good (learned).
+
+    Good is 1 for a higher-is-better score (a correct answer) and 0 for a lower-is-better one (a failure
+    rate such as leak_rate: 1 marks a leaking answer), so a rate going up is forgetting, not learning.
+    """
     after_cols = [c for c in table.columns if c.startswith("after_")]
     values = table[["base", *after_cols]].to_numpy()
     if not np.isin(values, (0.0, 1.0)).all():
         return {"forgot": math.nan, "learned": math.nan}
-    right, wrong = table["base"] == 1, table["base"] == 0
-    forgot = np.mean([(table.loc[right, c] == 0).mean() for c in after_cols]) if right.any() else math.nan
-    learned = np.mean([(table.loc[wrong, c] == 1).mean() for c in after_cols]) if wrong.any() else math.nan
+    good = 1.0 if higher_is_better else 0.0
+    was_good, was_bad = table["base"] == good, table["base"] != good
+    forgot = np.mean([(table.loc[was_good, c] != good).mean() for c in after_cols]) if was_good.any() else math.nan
+    learned = np.mean([(table.loc[was_bad, c] == good).mean() for c in after_cols]) if was_bad.any() else math.nan
     return {"forgot": float(forgot), "learned": float(learned)}
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+# Lower-is-better metrics, for results that do not say (lm-eval's `higher_is_better` is used when present)
+LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "leak_rate", "empty_rate"}
+
 SCORE_COLUMNS = ["model", "unit", "strategy", "family", "seed", "variant", "alpha", "task", "metric", "value",
                  "stderr", "n", "higher_is_better"]
 EXAMPLE_COLUMNS = ["model", "unit", "strategy", "seed", "variant", "task", "metric", "doc", "item", "instruction",
@@ -36,7 +39,7 @@ def score_rows(results: dict, labels: dict) -> list[dict]:
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append(labels | {"task": task, "metric": metric, "value": float(value),
                                   "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
-                                  "n": n, "higher_is_better": bool(better.get(metric, True))})
+                                  "n": n, "higher_is_better": bool(better.get(metric, metric not in LOWER_IS_BETTER))})
     return rows
 
 

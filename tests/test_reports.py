@@ -226,3 +226,121 @@ def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
     images, loaded, tables = map(int, re.search(r'data-probe="(\d+):(\d+):(\d+)"', out.stdout).groups())
     assert images >= 2 and loaded == images and tables >= 5
     assert "Uncaught" not in out.stderr
+
+
+# Direction and blind spots of the forgetting measure: small tables where each number is computed by hand.
+
+def _tables(runs: dict[str, dict[str, tuple[str, bool, list[float]]]]):
+    """(scores, examples) of units given as unit -> task -> (metric, higher_is_better, per-document scores)."""
+    from reports.tidy import example_rows, score_rows
+
+    scores, examples = [], []
+    for unit, tasks in runs.items():
+        strategy, seed = (unit.split("__seed")[0], int(unit.split("__seed")[1])) if unit != "base" else ("base", -1)
+        labels = {"model": "base" if unit == "base" else "tuned", "unit": unit, "strategy": strategy, "seed": seed,
+                  "variant": "base" if unit == "base" else "final"}
+        results = {"results": {t: {f"{m},none": float(np.mean(v)), f"{m}_stderr,none": 0.0}
+                               for t, (m, _, v) in tasks.items()},
+                   "higher_is_better": {t: {m: hib} for t, (m, hib, _) in tasks.items()},
+                   "samples": {t: [{"doc_id": i, "doc": {}, "metrics": [m], m: x} for i, x in enumerate(v)]
+                               for t, (m, _, v) in tasks.items()}}
+        scores += score_rows(results, labels | {"family": strategy, "alpha": 0.0 if unit == "base" else 1.0})
+        examples += example_rows(results, labels)
+    return pd.DataFrame(scores), pd.DataFrame(examples)
+
+
+def _ranked(runs, primary: dict[str, str], target: str | None = None):
+    from types import SimpleNamespace
+
+    from reports.forgetting import benchmark_table, strategy_table
+
+    scores, examples = _tables(runs)
+    exp = SimpleNamespace(primary_metrics=primary, target_task=target)
+    benchmarks = benchmark_table(scores, examples, exp, iters=200)
+    summary = strategy_table(benchmarks, scores, exp)
+    return benchmarks, {r["strategy"]: r for r in summary.to_dict("records")}
+
+
+def test_forgot_and_learned_follow_a_lower_is_better_metric():
+    # leak rate 0 -> 6 of 16: six clean answers now leak. That is forgetting, and nothing was there to learn
+    # (before: reported as learned 37.5%).
+    benchmarks, _ = _ranked({"base": {"health": ("leak_rate", False, [0.0] * 16)},
+                             "naive__seed0": {"health": ("leak_rate", False, [1.0] * 6 + [0.0] * 10)}}, {})
+    row = benchmarks.iloc[0]
+    assert row["forgot"] == pytest.approx(6 / 16) and math.isnan(row["learned"])
+    # both ways: base leaks on docs 0-3, after on 2-7: of 12 clean, 4 now leak; of 4 leaking, 2 are now clean
+    table = pd.DataFrame({"item": [str(i) for i in range(16)], "doc": range(16), "weight": 1.0, "value": 0.0})
+    base = table.assign(value=[1.0] * 4 + [0.0] * 12)
+    after = table.assign(value=[0.0] * 2 + [1.0] * 6 + [0.0] * 8)
+    assert example_transitions(align(base, [after]), higher_is_better=False) == {"forgot": 4 / 12, "learned": 2 / 4}
+    assert example_transitions(align(base, [after])) == {"forgot": 2 / 4, "learned": 4 / 12}  # as a success rate
+
+
+def test_rates_with_a_zero_base_count_in_the_ranking():
+    # knowledge acc 0.5 (base) -> a: 0.45, b: 0.40; leak rate 0 -> a: 6/16, b: 0; empty rate 0.25 -> a, b: 0.5
+    acc = lambda k: [1.0] * k + [0.0] * (20 - k)  # noqa: E731
+    rate = lambda k: [1.0] * k + [0.0] * (16 - k)  # noqa: E731
+    runs = {"base": {"knowledge": ("acc", True, acc(10)), "health": ("leak_rate", False, rate(0)),
+                     "empty": ("empty_rate", False, rate(4))},
+            "a__seed0": {"knowledge": ("acc", True, acc(9)), "health": ("leak_rate", False, rate(6)),
+                         "empty": ("empty_rate", False, rate(8))},
+            "b__seed0": {"knowledge": ("acc", True, acc(8)), "health": ("leak_rate", False, rate(0)),
+                         "empty": ("empty_rate", False, rate(8))}}
+    benchmarks, strategies = _ranked(runs, {"health": "leak_rate", "empty": "empty_rate"})
+    # rates: the share of good (clean, non-empty) answers lost: leak 1 -> 10/16 clean, empty 12/16 -> 8/16 non-empty
+    a = (0.05 / 0.5 + (1 - 10 / 16) / 1 + (12 / 16 - 8 / 16) / (12 / 16)) / 3
+    b = (0.10 / 0.5 + 0.0 + (12 / 16 - 8 / 16) / (12 / 16)) / 3
+    assert strategies["a"]["forgetting"] == pytest.approx(a) and strategies["b"]["forgetting"] == pytest.approx(b)
+    assert strategies["b"]["rank"] == 1 and strategies["a"]["rank"] == 2  # before: leak rate left out, a ranked first
+    losses = benchmarks.set_index(["strategy", "task"])["loss"]
+    assert losses[("a", "health")] == pytest.approx(0.375) and losses[("b", "health")] == 0.0
+    # a rate whose base is 1 (nothing clean to lose): the absolute change, here a gain
+    _, ones = _ranked({"base": {"health": ("leak_rate", False, rate(16))},
+                       "c__seed0": {"health": ("leak_rate", False, rate(12))}}, {})
+    assert ones["c"]["forgetting"] == pytest.approx(-0.25)
+
+
+def test_target_gain_follows_a_lower_is_better_target():
+    # target error rate 0.5 -> x: 0.25, y: 0.375; equal forgetting, so the larger gain (x) ranks first
+    rate = lambda k: [1.0] * k + [0.0] * (8 - k)  # noqa: E731
+    runs = {"base": {"general": ("acc", True, rate(4)), "goal": ("error_rate", False, rate(4))},
+            "y__seed0": {"general": ("acc", True, rate(4)), "goal": ("error_rate", False, rate(3))},
+            "x__seed0": {"general": ("acc", True, rate(4)), "goal": ("error_rate", False, rate(2))}}
+    _, strategies = _ranked(runs, {}, target="goal")
+    assert strategies["x"]["target_gain"] == pytest.approx(0.25)
+    assert strategies["y"]["target_gain"] == pytest.approx(0.125)
+    assert strategies["x"]["rank"] == 1 and strategies["x"]["pareto"] and not strategies["y"]["pareto"]
+
+
+def test_longer_answers_count_as_a_length_regression():
+    # base answers 50 words; long: 100 (twice as long), short: 45. Both drift; twice as long drifts more.
+    runs = {"base": {"health": ("response_words", True, [40.0, 60.0])},
+            "long__seed0": {"health": ("response_words", True, [90.0, 110.0])},
+            "short__seed0": {"health": ("response_words", True, [40.0, 50.0])}}
+    _, strategies = _ranked(runs, {"health": "response_words"})
+    assert strategies["long"]["forgetting"] == pytest.approx(math.log(101 / 51))
+    assert strategies["short"]["forgetting"] == pytest.approx(math.log(51 / 46))
+    assert strategies["short"]["rank"] == 1  # before: longer counted as a gain, so long ranked first
+
+
+def test_direction_of_a_metric_lm_eval_left_unlabelled():
+    from reports.tidy import score_rows
+
+    results = {"results": {"t": {"acc,none": 0.5, "bits_per_byte,none": 0.9, "leak_rate,none": 0.1}}}
+    better = {r["metric"]: r["higher_is_better"] for r in score_rows(results, {})}
+    assert better == {"acc": True, "bits_per_byte": False, "leak_rate": False}
+
+
+def test_ranking_is_the_mean_of_the_per_benchmark_losses_shown(run_dir):
+    # naive, per seed: knowledge 0.75 -> 0.5, 0.5; ifeval prompt-level 1/3 -> 0, 1/3;
+    # prose bits per byte 400 -> 430, 414 (each / 150 / ln 2)
+    seed0 = (1 / 3 + 1 + 30 / 400) / 3
+    seed1 = (1 / 3 + 0 + 14 / 400) / 3
+    strategies = {r["strategy"]: r for r in _summary(run_dir)["strategies"]}
+    assert strategies["naive"]["forgetting"] == pytest.approx((seed0 + seed1) / 2)
+    assert strategies["naive"]["forgetting_seed_std"] == pytest.approx(np.std([seed0, seed1], ddof=1))
+    rows = {r["task"]: r for r in _summary(run_dir)["benchmarks"] if r["strategy"] == "naive"}
+    assert rows["forgetting_prose"]["loss"] == pytest.approx((30 / 400 + 14 / 400) / 2)
+    markdown = (run_dir / "reports" / "forgetting.md").read_text()
+    assert f"{100 * rows['forgetting_prose']['loss']:+.1f}%" in markdown
+    assert "|ln((a + 1) / (b + 1))|" in markdown and "1 − score" in markdown
