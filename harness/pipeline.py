@@ -32,6 +32,8 @@ from harness.errors import RunError, UserError
 from harness.experiment import Experiment, Unit, units
 from harness.io import atomic_write_json, atomic_write_yaml
 from harness.precision import resolve_eval_dtype, resolve_precision
+from harness.progress import ExperimentProgress, Plan
+from mitigations.wise_ft import WiseFTConfig
 
 EXPERIMENT_FILE = "experiment.yaml"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval", "pandas", "numpy")
@@ -219,13 +221,17 @@ def _wise_ft_points(final_dir: Path) -> list[Path]:
     return sorted(p for p in final_dir.glob("wise_ft_*") if (p / "config.json").is_file())
 
 
-def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest) -> dict:
+def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest,
+             progress: ExperimentProgress | None = None, label: str = "") -> dict:
     """Train (or resume) one unit, evaluate its final model and any WiSE-FT points; return its record."""
     from harness.train import train
 
     unit_dir = run_dir / "units" / unit.id
     started = time.perf_counter()
-    result = train(unit.job)
+    if progress is not None:
+        progress.training(unit.id, label)
+    on_step = (lambda done, total, loss: progress.step(unit.id, done, total, loss)) if progress is not None else None
+    result = train(unit.job, on_step=on_step)
     trained = time.perf_counter()
     final = result.final_dir
     is_adapter = (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
@@ -233,7 +239,11 @@ def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest) -> 
     for variant, (source, adapter) in variants.items():
         target = unit_dir / ("eval.json" if variant == "final" else f"eval_{variant}.json")
         if not target.is_file():
+            if progress is not None:
+                progress.evaluating(unit.id, label, variant)
             atomic_write_json(target, evaluate_model(exp, source, manifest, f"{unit.id}/{variant}", adapter=adapter))
+        if progress is not None:
+            progress.evaluated(unit.id)
     if not exp.keep_models:
         for path in [final, *_wise_ft_points(final)]:
             for weights in path.glob("*.safetensors"):
@@ -262,25 +272,40 @@ def run_experiment(exp: Experiment) -> Path:
     print(f"training precision {chosen['train']} ({chosen['train_reason']}); evaluation dtype "
           f"{chosen['eval_dtype']} ({chosen['eval_reason']})", flush=True)
 
-    if not manifest.done("base"):
+    progress = ExperimentProgress(work_plan(unit_list))
+    if manifest.done("base"):
+        progress.unit_done("base")
+    else:
         started = time.perf_counter()
         with tee_output(run_dir / "base" / "log.txt"):
-            print(f"evaluating the base model {exp.model.name_or_path}", flush=True)
+            progress.evaluating("base", "[base]", f"the base model {exp.model.name_or_path}")
             atomic_write_json(run_dir / "base" / "eval.json", evaluate_model(exp, exp.model.name_or_path, manifest, "base"))
+            progress.evaluated("base")
         manifest.record("base", status="done", eval_seconds=round(time.perf_counter() - started, 1))
     for index, unit in enumerate(unit_list, 1):
+        label = f"[{index}/{len(unit_list)}] {unit.id}"
         if manifest.done(unit.id):
-            print(f"[{index}/{len(unit_list)}] {unit.id}: done earlier", flush=True)
+            print(f"{label}: done earlier", flush=True)
+            progress.unit_done(unit.id)
             continue
-        print(f"[{index}/{len(unit_list)}] {unit.id}", flush=True)
         try:
             with tee_output(run_dir / "units" / unit.id / "log.txt"):
-                record = run_unit(exp, unit, run_dir, manifest)
+                record = run_unit(exp, unit, run_dir, manifest, progress, label)
         except RunError as err:  # e.g. a non-finite loss: this unit failed, the others go on
-            print(f"[{index}/{len(unit_list)}] {unit.id} failed: {err}", file=sys.stderr, flush=True)
+            print(f"{label} failed: {err}", file=sys.stderr, flush=True)
             record = {"status": "failed", "strategy": unit.strategy, "seed": unit.seed, "error": str(err)}
+        progress.unit_done(unit.id)
         manifest.record(unit.id, **record)
     return write_reports(run_dir)
+
+
+def work_plan(unit_list: list[Unit]) -> Plan:
+    """The steps and evaluations of every unit, for the progress estimate (epoch-based units learn theirs later)."""
+    evaluations = {"base": 1}
+    for unit in unit_list:
+        points = [m.get("alphas", WiseFTConfig().alphas) for m in unit.job.mitigations if m.get("name") == "wise_ft"]
+        evaluations[unit.id] = 1 + sum(len(alphas) for alphas in points)
+    return Plan(steps={u.id: u.job.train.max_steps for u in unit_list}, evaluations=evaluations)
 
 
 def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:

@@ -190,25 +190,27 @@ def check_output_dir(job: TrainJob, output_dir: Path) -> bool:
     return False
 
 
-def train(job: TrainJob, accelerator=None) -> TrainResult:
+def train(job: TrainJob, accelerator=None, on_step=None) -> TrainResult:
     """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible.
+
+    `on_step(done, total, loss)` is called on the main process after each optimizer step (progress display).
 
     Without an `accelerator` the job makes its own, and leaves none of its settings behind: accelerate keeps
     process-wide state (the mixed precision) that would otherwise refuse the next job's or leak into it
     (an experiment trains its units one after another in one process). The process group, if any, is kept.
     """
     if accelerator is not None:
-        return _train(job, accelerator)
+        return _train(job, accelerator, on_step)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return _train(job, make_accelerator(job))
+        return _train(job, make_accelerator(job), on_step)
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _train(job: TrainJob, accelerator) -> TrainResult:
+def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
     from accelerate.utils import set_seed
 
     if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -342,6 +344,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         progress.update(1)
         progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
                              tok_s=f"{tokens_per_second:.0f}")
+        if on_step is not None and is_main:
+            on_step(step + 1, len(steps), last_loss)
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
             ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, f"checkpoint-{step + 1:06d}",
                                  with_state=True, extra={"step": step + 1})

@@ -204,10 +204,15 @@ def test_quick_preset_shrinks_any_experiment(tmp_path):
         load_experiment(str(write(tmp_path, experiment(tmp_path, seeds=[]))))
 
 
-def test_units_with_different_precisions_run_in_one_process(tmp_path):
+def test_units_with_different_precisions_run_in_one_process(tmp_path, capsys):
     config = experiment(tmp_path, strategies=[{"name": "fp32"}, {"name": "bf16", "overrides": {"train.precision": "bf16"}}],
                         eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
     assert main(["run", str(write(tmp_path, config))]) == 0
+    out = capsys.readouterr().out  # one progress line per unit and phase, with the time left
+    for line in ("[base]: evaluating the base model tiny-random", "[1/2] fp32__seed0: training",
+                 "[2/2] bf16__seed0: training step 2/2", "[2/2] bf16__seed0: evaluating final"):
+        assert line in out, out
+    assert any(line.endswith(" left]") for line in out.splitlines())  # an estimate once a step and an eval were timed
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert {u: r["status"] for u, r in manifest["units"].items()} == {"base": "done", "fp32__seed0": "done",
                                                                       "bf16__seed0": "done"}
