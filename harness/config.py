@@ -71,7 +71,7 @@ class TrainConfig:
     max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (overrides epochs)")
     batch_size: int = knob(128, "sequences per optimizer step (global, across all processes)")
     micro_batch_tokens: int = knob(4096, "tokens per forward/backward pass, padding included; bounds activation memory")
-    warmup_ratio: float = knob(0.03, "fraction of steps with linear warmup from 0")
+    warmup_ratio: float = knob(0.03, "fraction W of the steps with linear warmup: step k < W (0-based) uses lr*(k+1)/(W+1), so no step is spent at lr 0")
     schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "decay after warmup")
     min_lr_ratio: float = knob(0.0, "final LR as a fraction of the peak")
     weight_decay: float = knob(0.0, "AdamW decoupled weight decay (not applied to norms and biases)")

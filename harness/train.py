@@ -62,7 +62,11 @@ class TrainResult:
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float) -> float:
-    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio, or constant."""
+    """LR multiplier at `step` (0-based): linear warmup, then cosine/linear decay to min_ratio, or constant.
+
+    Warmup step k of W uses (k+1)/(W+1): it rises linearly from 0 but never spends a step at 0 (an update of
+    zero size that would still move AdamW's moment estimates).
+    """
     warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
         return (step + 1) / (warmup + 1)
