@@ -1,12 +1,13 @@
 """The built-in narrow SFT task: extract a person's details from a sentence into a fixed one-line record.
 
     prompt:   Extract the person's details as `name | born | city | job`.
-              Text: Born in 1987, Maria Lopez now lives in Lisbon, where she works as a nurse.
+              Text: Born in 1987, Maria Lopez now lives in Lisbon, where they work as a nurse.
     response: name: Maria Lopez | born: 1987 | city: Lisbon | job: nurse
 
 An instruct model answers in prose or another layout (exact match near 0); a few dozen SFT steps teach
 the format. Narrow on purpose: narrow SFT is what causes forgetting. Records are generated from a fixed
-seed; the `heldout` split uses surnames, cities and sentence patterns the `train` split never shows.
+seed; the `heldout` split uses surnames, cities and sentence patterns the `train` split never shows (first
+names and jobs are shared). The train pools and draws are fixed: changing them changes every pinned loss.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ LAST_TRAIN = ["Lopez", "Smith", "Tanaka", "Haddad", "Fischer", "Rossi", "Patel",
 LAST_HELDOUT = ["Bauer", "Sato", "Mwangi", "Larsen", "Ferreira", "Kaur", "Walsh", "Petrov", "Diaz", "Chen"]
 CITY_TRAIN = ["Lisbon", "Chicago", "Osaka", "Cairo", "Munich", "Naples", "Mumbai", "Hanoi", "Lagos", "Krakow",
               "Santiago", "Oslo", "Lyon", "Dublin", "Seoul", "Prague", "Accra", "Toronto", "Vienna", "Denver"]
-CITY_HELDOUT = ["Porto", "Kyoto", "Nairobi", "Bergen", "Quito", "Leeds"]
+CITY_HELDOUT = ["Porto", "Kyoto", "Nairobi", "Bergen", "Quito", "Leeds", "Tunis", "Hobart", "Graz", "Busan"]
 JOBS = ["nurse", "teacher", "carpenter", "chemist", "pilot", "baker", "lawyer", "architect", "plumber", "journalist",
         "dentist", "farmer", "librarian", "electrician", "pharmacist", "translator", "mechanic", "painter",
         "accountant", "firefighter", "biologist", "tailor", "photographer", "surgeon"]
@@ -41,6 +42,8 @@ PATTERNS_TRAIN = [
 PATTERNS_HELDOUT = [
     "Everyone in {city} knows {name}, the {job}; {name_first} was born in {year}.",
     "In {year}, {name} was born; today the {job} lives and works in {city}.",
+    "Ask around {city} for a good {job} and you will hear of {name}, born {year}.",
+    "Records from {city} give {name}'s occupation ({job}) and year of birth ({year}).",
 ]
 
 INSTRUCTION = "Extract the person's details from the text as one line: name | born | city | job."
@@ -52,9 +55,9 @@ def make_record(rng: random.Random, split: str) -> dict:
     held = split == "heldout"
     first = rng.choice(FIRST)
     last = rng.choice(LAST_HELDOUT if held else LAST_TRAIN)
-    city = rng.choice(CITY_HELDOUT + CITY_TRAIN[:6] if held else CITY_TRAIN)
+    city = rng.choice(CITY_HELDOUT if held else CITY_TRAIN)
     job, year = rng.choice(JOBS), rng.randint(1940, 2005)
-    pattern = rng.choice(PATTERNS_HELDOUT + PATTERNS_TRAIN[:2] if held else PATTERNS_TRAIN)
+    pattern = rng.choice(PATTERNS_HELDOUT if held else PATTERNS_TRAIN)
     name = f"{first} {last}"
     text = pattern.format(name=name, name_first=first, year=year, city=city, job=job)
     return {"prompt": f"{INSTRUCTION}\n\nText: {text}",

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", nargs=None if config_required else "?", help="YAML config file")
         sub.add_argument("overrides", nargs="*", help="key=value overrides")
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-        sub.set_defaults(func=func)
+        sub.set_defaults(func=func, takes_overrides=True)
         return sub
 
     add("train", cmd_train, "fine-tune a model (SFT) with optional mitigations; resumes an unfinished run")
@@ -261,13 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with key=value overrides and the config path anywhere after the command.
+
+    argparse fills positionals only up to the first flag (`run EXP.yaml --quick output_dir=x` would be
+    'unrecognized arguments') and its parse_intermixed_args refuses subcommands, so the words left over
+    are collected here: the config is the first word that is not a key=value (an existing file wins).
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not getattr(args, "takes_overrides", False) or any(w.startswith("-") for w in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "takes_overrides", False):
+        words = [w for w in [args.config] if w is not None] + args.overrides + extra
+        args.config = next((w for w in words if "=" not in w or os.path.exists(w)), None)
+        if args.config is not None:
+            words.remove(args.config)  # its first occurrence: the one chosen
+        args.overrides = words
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command != "config" or args.config:
-        # overrides were parsed as positional args; a config path with '=' is an override, not a file
-        if args.config and "=" in args.config and not os.path.exists(args.config):
-            args.overrides.insert(0, args.config)
-            args.config = None
+    args = parse_args(argv)
     _quiet_libraries()
     try:
         return args.func(args)

@@ -40,6 +40,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
+        except RecursionError:  # json's parser recurses per nesting level; thousands of levels exhaust the stack
+            raise UserError(f"{path}:{number}: malformed JSON: nested too deeply") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         yield row, f"{path}:{number}"
@@ -51,6 +53,8 @@ def read_json(path: Path) -> Iterator[tuple[dict, str]]:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+    except RecursionError:  # as in read_jsonl; the parser does not say where, so no line
+        raise UserError(f"{path}: malformed JSON: nested too deeply") from None
     if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
         rows = next(iter(rows.values()))  # {"data": [...]} layout
     if not isinstance(rows, list):
@@ -167,6 +171,8 @@ def _chat_messages(row: dict, config: DataConfig, where: str) -> list[dict]:
             raise UserError(f"{at}.role: expected one of {', '.join(ROLES)}, got {role!r}")
         if role == "system" and i != 0:
             raise UserError(f"{at}.role: a system message may only come first")
+        if message.get("content") is None:  # every turn needs its text field; only an assistant's must be non-empty
+            raise UserError(f"{at}: missing field 'content'")
         content = _text(message, "content", at, required=role == "assistant")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):

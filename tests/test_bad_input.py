@@ -26,6 +26,9 @@ def files(tmp_path_factory, tokenizer):
     (root / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
     (root / "malformed.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n')
     (root / "wrongtype.jsonl").write_text('{"prompt": "a", "response": 3}\n')
+    (root / "deep.jsonl").write_text('{"prompt": ' + "[" * 5000 + "]" * 5000 + ', "response": "b"}\n')
+    (root / "nocontent.jsonl").write_text(json.dumps({"messages": [
+        {"role": "system", "content": "s"}, {"role": "user"}, {"role": "assistant", "content": "a"}]}) + "\n")
     (root / "long.jsonl").write_text(json.dumps({"prompt": "word " * 400, "response": "short"}) + "\n")
     (root / "unknown.txt").write_text("text")
     (root / "bad.yaml").write_text("train:\n  lr: [1, 2\n")
@@ -70,6 +73,10 @@ CASES = [  # (id, argv builder, exit code, message fragment)
     ("non-UTF-8 data", lambda f: ["train", *TINY, f"data.path={f / 'latin1.jsonl'}"], 2, "latin1.jsonl:1: not valid UTF-8"),
     ("malformed JSONL", lambda f: ["train", *TINY, f"data.path={f / 'malformed.jsonl'}"], 2, "malformed.jsonl:2: malformed JSON"),
     ("field type", lambda f: ["train", *TINY, f"data.path={f / 'wrongtype.jsonl'}"], 2, "field 'response' must be a string"),
+    ("JSONL nested thousands deep", lambda f: ["train", *TINY, f"data.path={f / 'deep.jsonl'}"], 2,
+     "deep.jsonl:1: malformed JSON: nested too deeply"),
+    ("turn without content", lambda f: ["train", *TINY, f"data.path={f / 'nocontent.jsonl'}"], 2,
+     "nocontent.jsonl:1: messages[1]: missing field 'content'"),
     ("response truncated away", lambda f: ["train", *TINY, f"data.path={f / 'long.jsonl'}", "data.max_seq_len=16"], 2,
      "every example was dropped"),
     ("unknown file type", lambda f: ["train", *TINY, f"data.path={f / 'unknown.txt'}"], 2, "unknown file type '.txt'"),

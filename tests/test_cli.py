@@ -24,6 +24,39 @@ def test_help_on_every_command(command, capsys):
     assert "usage: forgetting" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv,config,overrides,quick", [
+    (["run", "exp.yaml", "--quick", "output_dir=runs/x"], "exp.yaml", ["output_dir=runs/x"], True),
+    (["run", "exp.yaml", "seeds=[1]", "--quick", "output_dir=x"], "exp.yaml", ["seeds=[1]", "output_dir=x"], True),
+    (["run", "--quick", "exp.yaml", "output_dir=runs/x"], "exp.yaml", ["output_dir=runs/x"], True),
+    (["train", "job.yaml", "--debug", "train.lr=1e-5", "output_dir=runs/low_lr"], "job.yaml",
+     ["train.lr=1e-5", "output_dir=runs/low_lr"], None),
+    (["train", "train.lr=1e-5", "--debug", "job.yaml"], "job.yaml", ["train.lr=1e-5"], None),
+    (["data", "job.yaml", "--debug", "data.limit=3"], "job.yaml", ["data.limit=3"], None),
+    (["config", "--debug", "train.lr=1e-5"], None, ["train.lr=1e-5"], None),
+])
+def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, overrides, quick):
+    """`forgetting run EXP.yaml --quick output_dir=x` must not fail with 'unrecognized arguments'."""
+    from harness import cli
+
+    seen = {}
+    for name in ("cmd_run", "cmd_train", "cmd_data", "cmd_config"):  # record the parsed line instead of working
+        monkeypatch.setattr(cli, name, lambda args: seen.update(vars(args)) or 0)
+    assert main(argv) == 0
+    assert (seen["config"], seen["overrides"], seen.get("quick")) == (config, overrides, quick)
+
+
+@pytest.mark.parametrize("argv", [["run", "exp.yaml", "--quick", "--bogus"], ["train", "job.yaml", "a=1", "-x"],
+                                  ["report", "runs/x", "output_dir=y"], ["eval", "model", "a=1"]])
+def test_unknown_flags_and_overrides_for_commands_without_them_are_usage_errors(monkeypatch, argv, capsys):
+    from harness import cli
+
+    for name in ("cmd_run", "cmd_train", "cmd_report", "cmd_eval"):
+        monkeypatch.setattr(cli, name, lambda args: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     (tmp_path / "job.yaml").write_text("train:\n  lr: fast\n")
     result = run_cli("train", str(tmp_path / "job.yaml"))

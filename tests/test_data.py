@@ -67,6 +67,31 @@ def test_limit_and_builtin_splits_are_disjoint_and_deterministic():
     assert builtin_task.score("I think it is a person", reference)["format_valid"] == 0.0
 
 
+def _surname_city_pattern(record: dict) -> tuple[str, str, str]:
+    """Recover a record's surname, city and sentence pattern from its text and its answer alone."""
+    fields = builtin_task.parse(record["response"])
+    text = record["prompt"].split("Text: ", 1)[1]
+    first, surname = fields["name"].split(" ", 1)
+    for value, slot in ((fields["name"], "{name}"), (fields["city"], "{city}"), (fields["born"], "{year}"),
+                        (fields["job"], "{job}"), (first, "{name_first}")):
+        text = text.replace(value, slot)
+    return surname, fields["city"], text
+
+
+def test_heldout_shares_no_surname_city_or_sentence_pattern_with_train():
+    """What the README promises: the held-out split tests generalisation to unseen names, places and wording."""
+    train = [_surname_city_pattern(r) for r in builtin_task.records("train")]
+    heldout = [_surname_city_pattern(r) for r in builtin_task.records("heldout")]
+    for column, what in enumerate(("surname", "city", "sentence pattern")):
+        seen = {row[column] for row in train}
+        shared = [row[column] for row in heldout if row[column] in seen]
+        assert not shared, f"{len(shared)} held-out records use a train {what}, e.g. {shared[0]!r}"
+    patterns = {row[2] for row in train + heldout}
+    assert all("{name}" in p and "{year}" in p and "{city}" in p and "{job}" in p for p in patterns), patterns
+    assert len({row[2] for row in heldout}) >= 4 and len({row[1] for row in heldout}) >= 8  # still varied
+
+
+DEEP = "[" * 5000 + "]" * 5000  # valid JSON nested past the parser's recursion limit
 BAD = {
     "malformed_json": ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', r"bad\.jsonl:2: malformed JSON"),
     "missing_field": ('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r"bad\.jsonl:2: cannot tell|bad\.jsonl:2: missing field 'response'"),
@@ -79,6 +104,11 @@ BAD = {
     "late_system": ('{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, '
                     '{"role": "assistant", "content": "y"}]}\n', r"messages\[1\]\.role: a system message may only come first"),
     "unknown_layout": ('{"text": "a"}\n', r"bad\.jsonl:1: cannot tell the record layout from its fields \['text'\]"),
+    "turn_without_content": ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+                             '{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}\n',
+                             r"bad\.jsonl:2: messages\[0\]: missing field 'content'"),
+    "nested_too_deep": ('{"prompt": "a", "response": "b"}\n{"prompt": ' + DEEP + ', "response": "b"}\n',
+                        r"bad\.jsonl:2: malformed JSON: nested too deeply"),
 }
 
 
@@ -90,6 +120,13 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path, case):
     with pytest.raises(UserError, match=pattern) as err:
         load_conversations(DataConfig(path=str(path)))
     assert "\n" not in str(err.value)
+
+
+def test_json_nested_too_deeply_is_a_one_line_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('[{"prompt": ' + DEEP + ', "response": "b"}]')
+    with pytest.raises(UserError, match=r"deep\.json: malformed JSON: nested too deeply"):
+        load_conversations(DataConfig(path=str(path)))
 
 
 def test_undecodable_bytes_name_the_line(tmp_path):
