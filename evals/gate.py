@@ -3,25 +3,62 @@
     forgetting gate CANDIDATE --baseline BASELINE [--thresholds FILE | --max-drop T=0.02 ...] [--min-gain T=0.5]
 
 BASELINE is a saved results JSON (`forgetting eval`, a run's base/eval.json, a previous gate's --output) or a
-model; the candidate is evaluated on the baseline's tasks with the baseline's settings. Per metric, a
-*regression* is a drop (in the metric's bad direction) larger than its threshold that is also significant
-on a one-sided paired test over the same documents (sign-flip randomisation of per-document differences,
-exact for any metric lm-eval scores per document); `test: threshold` drops the significance requirement.
-A target metric with `min_gain` fails when it gains less. Exit 0: pass, 1: regression, 2: usage error.
+model; the candidate is evaluated on the baseline's tasks with the baseline's settings.
+
+Per compared metric with a `max_drop` rule the gate tests H0 "the drop (in the metric's bad direction) is at
+most the allowed drop" over the same documents: the per-document differences, shifted by the allowance, go
+through a one-sided sign-flip test, exact (every sign pattern, counted over tied magnitudes) up to 2^20
+patterns and Monte Carlo (20,000 random patterns) above. Holm's step-down procedure across the tested metrics
+keeps the chance of failing any metric whose true drop is within its allowance at most `alpha`. A regression
+is a drop beyond the allowance whose Holm-adjusted p-value is <= alpha. A metric lm-eval keeps no
+per-document scores for is judged by its threshold alone, and the outputs say so; `test: threshold` judges
+every metric that way. A `min_gain` rule fails a metric that gains less.
+
+Exit codes (harness/cli.py): 0 pass, 1 regression or insufficient gain, 2 usage or config error, 3 runtime
+failure (no verdict: a model that does not load, a crashed evaluation, a full disk).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 from xml.etree import ElementTree
 
 import numpy as np
-import pandas as pd
 
 from harness.configlib import knob
-from harness.errors import UserError
+from harness.errors import HarnessError, RunError, UserError
+
+MAX_EXACT = 2 ** 20  # sign patterns (after grouping ties) enumerated exactly; Monte Carlo above
+PERMUTATIONS = 20000
+NO_DOCUMENTS = "threshold only: no per-document scores"
+THRESHOLD_TEST = "threshold only (test: threshold)"
+# lm-eval's loglikelihood_rolling metrics keep a (loglikelihood, words or bytes) pair per document and
+# aggregate the corpus: bits_per_byte = -sum(ll) / sum(bytes) / ln 2, perplexities = exp(-sum(ll) / sum(n)).
+# Both are weighted means (weight n) of per-document -ll/n, the perplexities through exp: those are tested
+# on the log scale, where "perplexity rose by at most X" is "mean loss rose by at most log((p + X) / p)".
+ROLLING = {"bits_per_byte": 1 / math.log(2), "word_perplexity": 1.0, "byte_perplexity": 1.0}
+LOG_SCALE = {"word_perplexity", "byte_perplexity"}
+
+
+class GateRunError(RunError):
+    """The gate failed while running and reached no verdict: exit 3, so CI never reads it as a regression."""
+
+    exit_code = 3
+
+
+def runtime_failure(err: Exception) -> GateRunError:
+    """A one-line GateRunError for any failure while gating (the traceback stays behind --debug)."""
+    if isinstance(err, OSError):
+        text = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    elif isinstance(err, HarnessError):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return GateRunError(f"the gate failed while running (exit 3, no verdict): {first}")
 
 
 @dataclass
@@ -35,7 +72,7 @@ class Thresholds:
     default: dict = knob({"max_drop": "0.02"}, "rule for every compared metric without its own")
     metrics: dict[str, dict] = knob({}, "task or task/metric -> rule, e.g. {forgetting_knowledge: {max_drop: 3%}}")
     test: Literal["paired", "threshold"] = knob("paired", "paired: a drop must also be significant; threshold: the drop alone")
-    alpha: float = knob(0.05, "significance level of the one-sided paired test")
+    alpha: float = knob(0.05, "familywise significance level across the tested metrics (Holm)")
     compare: Literal["primary", "all"] = knob("primary", "metrics compared: each task's primary metric, or every metric")
 
     def __post_init__(self):
@@ -82,15 +119,45 @@ def cli_thresholds(max_drop: list[str], min_gain: list[str], test: str | None, a
     return out
 
 
-def sign_flip_pvalue(diffs: np.ndarray, weights: np.ndarray, permutations: int = 20000, seed: int = 0) -> float:
-    """One-sided p-value that the weighted mean of paired differences is this negative by chance."""
-    observed = (weights * diffs).sum() / weights.sum()
-    if not np.any(diffs):
-        return 1.0
+def sign_flip_pvalue(diffs: np.ndarray, weights: np.ndarray, allowance: float = 0.0, permutations: int = PERMUTATIONS,
+                     seed: int = 0, max_exact: int = MAX_EXACT) -> tuple[float, str]:
+    """(p, "exact" or "Monte Carlo"): one-sided p-value of H0 "weighted mean of `diffs` <= allowance".
+
+    `diffs` are per-document differences, > 0 worse. At H0's boundary each shifted difference is as likely
+    positive as negative, so the observed weighted sum is ranked among the sums of every sign pattern.
+    """
+    diffs, weights = np.asarray(diffs, float), np.asarray(weights, float)
+    scale = float(np.max(np.abs(weights) * (np.abs(diffs) + abs(allowance)), initial=0.0))
+    terms = weights * (diffs - allowance)
+    terms = terms[np.abs(terms) > 1e-12 * scale]  # zero up to rounding: the same under either sign
+    observed, tol = terms.sum(), 1e-9 * scale  # tol: equal sums added up in another order
+    magnitudes, counts = np.unique(np.abs(terms), return_counts=True)
+    if np.prod(counts + 1.0) <= max_exact:
+        # all 2^n patterns, grouped by how many of each tied magnitude are negative (binomial counts)
+        from scipy.stats import binom
+
+        sums, probs = np.zeros(1), np.ones(1)
+        for magnitude, count in zip(magnitudes, counts):
+            negative = np.arange(count + 1)
+            sums = np.add.outer(sums, magnitude * (count - 2 * negative)).ravel()
+            probs = np.multiply.outer(probs, binom.pmf(negative, count, 0.5)).ravel()
+        return min(1.0, float(probs[sums >= observed - tol].sum())), "exact"
     rng = np.random.default_rng(seed)
-    signs = rng.choice(np.array([-1.0, 1.0]), size=(permutations, len(diffs)))
-    null = (signs * (weights * diffs)).sum(1) / weights.sum()
-    return float((1 + np.sum(null <= observed + 1e-12)) / (1 + permutations))
+    hits = 0
+    for start in range(0, permutations, 1000):  # in chunks: bounded memory for many documents
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(1000, permutations - start), len(terms)))
+        hits += int(np.sum(signs @ terms >= observed - tol))
+    return (1 + hits) / (1 + permutations), "Monte Carlo"  # counts the observed pattern: a valid p-value
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: rejecting those <= alpha keeps the familywise error <= alpha,
+    whatever the dependence between the tests."""
+    adjusted, running, m = [0.0] * len(p_values), 0.0, len(p_values)
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 @dataclass
@@ -101,14 +168,21 @@ class Check:
     candidate: float
     higher_is_better: bool
     rule: dict
-    p_value: float | None = None
+    allowed: float | None = None  # the allowed drop in the metric's units
+    p_value: float | None = None  # the paired test's, before Holm
+    p_holm: float | None = None  # Holm-adjusted across the tested metrics
+    method: str = ""  # exact | Monte Carlo | threshold only: ...
     status: str = "pass"  # pass | regression | insufficient gain
     reason: str = ""
-    details: dict = field(default_factory=dict)
 
     @property
     def delta(self) -> float:
         return self.candidate - self.baseline
+
+    @property
+    def bad(self) -> float:
+        """The change in the metric's bad direction: > 0 is worse."""
+        return -self.delta if self.higher_is_better else self.delta
 
 
 def _rule_for(thresholds: Thresholds, task: str, metric: str) -> dict | None:
@@ -118,79 +192,115 @@ def _rule_for(thresholds: Thresholds, task: str, metric: str) -> dict | None:
     return thresholds.default
 
 
-def _paired_p_value(base: pd.DataFrame, candidate: pd.DataFrame, task: str, metric: str, higher: bool) -> float | None:
-    """One-sided p-value of the candidate being worse, over per-document scores; None without them."""
-    if base.empty or candidate.empty:
-        return None
+def per_document(results: dict, task: str, metric: str) -> dict[int, tuple[float, float]] | None:
+    """{doc: (value, weight)} whose weighted mean is the task's score (its log for perplexities); None when
+    lm-eval kept no per-document scores the score is such a mean of."""
+    aggregation = next((m.get("aggregation") for m in results.get("configs", {}).get(task, {}).get("metric_list", [])
+                        if m.get("metric") == metric), None)
+    out = {}
+    for sample in results.get("samples", {}).get(task, []):
+        value = sample.get(metric)
+        if isinstance(value, (bool, int, float)) and aggregation in (None, "mean"):
+            out[int(sample["doc_id"])] = (float(value), 1.0)
+        elif isinstance(value, list) and value and all(isinstance(v, bool) for v in value):  # instruction-level
+            out[int(sample["doc_id"])] = (sum(value) / len(value), float(len(value)))
+        elif metric in ROLLING and isinstance(value, list) and len(value) == 2:
+            loglikelihood, n = value
+            out[int(sample["doc_id"])] = (-loglikelihood / n * ROLLING[metric], float(n))
+        else:
+            return None
+    return out or None
 
-    def per_document(examples: pd.DataFrame) -> pd.DataFrame:
-        rows = examples[(examples["task"] == task) & (examples["metric"] == metric)]
-        return rows.assign(wv=rows["weight"] * rows["value"]).groupby("doc")[["wv", "weight"]].sum()
 
-    b, c = per_document(base), per_document(candidate)
-    if not len(b) or not b.index.equals(c.index):
-        return None
-    diffs = (c["wv"] / c["weight"] - b["wv"] / b["weight"]).to_numpy()
-    return sign_flip_pvalue(diffs if higher else -diffs, b["weight"].to_numpy())
+def _paired_test(baseline: dict, candidate: dict, check: Check) -> tuple[float | None, str]:
+    """(p, method) of H0 "drop <= allowed" over the per-document scores; (None, why) without them."""
+    base = per_document(baseline, check.task, check.metric)
+    cand = per_document(candidate, check.task, check.metric)
+    if base is None or cand is None:
+        return None, NO_DOCUMENTS
+    if base.keys() != cand.keys():
+        raise UserError(f"{check.task}: the candidate was scored on other documents than the baseline")
+    docs = sorted(base)
+    before, after = np.array([base[d][0] for d in docs]), np.array([cand[d][0] for d in docs])
+    worse = before - after if check.higher_is_better else after - before
+    # the allowance on the per-document scale: log(p + X) - log(p) for a perplexity p allowed to rise by X
+    to_scale = math.log if check.metric in LOG_SCALE else (lambda x: x)
+    limit = check.baseline - check.allowed if check.higher_is_better else check.baseline + check.allowed
+    allowance = abs(to_scale(limit) - to_scale(check.baseline))
+    return sign_flip_pvalue(worse, np.array([base[d][1] for d in docs]), allowance)
 
 
-def _judge_gain(check: Check, bad: float) -> None:
-    gain, required = -bad, check.rule["min_gain"]
-    if gain < required:
+def _judge(check: Check, alpha: float) -> None:
+    gain, required = -check.bad, check.rule.get("min_gain")
+    if required is not None and gain < required:
         check.status, check.reason = "insufficient gain", f"gain {gain:+.4f} < required {required}"
-    else:
-        check.reason = f"gain {gain:+.4f} >= required {required}"
-
-
-def _judge_drop(check: Check, bad: float, thresholds: Thresholds) -> None:
-    amount, relative = parse_drop(check.rule["max_drop"], "max_drop")
-    allowed = amount * abs(check.baseline) if relative else amount
-    p = check.p_value
-    if bad <= allowed:
-        check.reason = f"drop {max(bad, 0):.4f} <= allowed {allowed:.4f}"
-    elif thresholds.test == "threshold":
-        check.status, check.reason = "regression", f"drop {bad:.4f} > allowed {allowed:.4f}"
-    elif p is not None and p < thresholds.alpha:
-        check.status, check.reason = "regression", f"drop {bad:.4f} > allowed {allowed:.4f}, p = {p:.4f} < {thresholds.alpha}"
-    else:
-        check.reason = f"drop {bad:.4f} > allowed {allowed:.4f} but not significant (p = " + (
-            f"{p:.4f})" if p is not None else "n/a: no per-document scores)")
+        return
+    reasons = [f"gain {gain:+.4f} >= required {required}"] if required is not None else []
+    if check.allowed is not None:
+        beyond = check.bad > check.allowed
+        drop = (f"drop {check.bad:.4f} > allowed {check.allowed:.4f}" if beyond
+                else f"drop {max(check.bad, 0.0) + 0.0:.4f} <= allowed {check.allowed:.4f}")  # + 0.0: not -0.0000
+        if check.p_holm is None:  # judged by the threshold alone: say so
+            check.status = "regression" if beyond else "pass"
+            drop += f" ({check.method})"
+        elif beyond and check.p_holm <= alpha:
+            check.status = "regression"
+            drop += f", Holm p = {check.p_holm:.4g} <= {alpha}"
+        elif beyond:
+            drop += f" but not significant: Holm p = {check.p_holm:.4g} > {alpha}"
+        reasons.append(drop)
+    check.reason = "; ".join(reasons)
 
 
 def compare(baseline: dict, candidate: dict, thresholds: Thresholds, primary: dict[str, str]) -> list[Check]:
-    """One Check per compared metric of the baseline's results."""
-    from reports.tidy import example_rows, score_rows
+    """One Check per compared metric of the baseline's results; Holm across the metrics tested per document."""
+    from reports.tidy import score_rows
 
-    base_scores = pd.DataFrame(score_rows(baseline, {}))
-    cand_scores = pd.DataFrame(score_rows(candidate, {})).set_index(["task", "metric"])
-    base_examples, cand_examples = pd.DataFrame(example_rows(baseline, {})), pd.DataFrame(example_rows(candidate, {}))
+    cand_scores = {(r["task"], r["metric"]): r["value"] for r in score_rows(candidate, {})}
     checks = []
-    for row in base_scores.itertuples():
-        explicit = f"{row.task}/{row.metric}" in thresholds.metrics
-        if thresholds.compare == "primary" and primary.get(row.task) != row.metric and not explicit:
+    for row in score_rows(baseline, {}):
+        task, metric = row["task"], row["metric"]
+        explicit = f"{task}/{metric}" in thresholds.metrics
+        if thresholds.compare == "primary" and primary.get(task) != metric and not explicit:
             continue
-        if (row.task, row.metric) not in cand_scores.index:
-            raise UserError(f"candidate results lack {row.task}/{row.metric}")
-        check = Check(row.task, row.metric, row.value, float(cand_scores.loc[(row.task, row.metric), "value"]),
-                      bool(row.higher_is_better), _rule_for(thresholds, row.task, row.metric))
-        bad = -check.delta if check.higher_is_better else check.delta  # > 0: worse
-        if check.rule.get("min_gain") is not None:
-            _judge_gain(check, bad)
-        if check.rule.get("max_drop") is not None and check.status == "pass":
-            check.p_value = _paired_p_value(base_examples, cand_examples, row.task, row.metric, check.higher_is_better)
-            _judge_drop(check, bad, thresholds)
+        if (task, metric) not in cand_scores:
+            raise UserError(f"candidate results lack {task}/{metric}")
+        check = Check(task, metric, row["value"], cand_scores[(task, metric)], row["higher_is_better"],
+                      _rule_for(thresholds, task, metric))
+        if check.rule.get("max_drop") is not None:
+            amount, relative = parse_drop(check.rule["max_drop"], "max_drop")
+            check.allowed = amount * abs(check.baseline) if relative else amount
+            if thresholds.test == "paired":
+                check.p_value, check.method = _paired_test(baseline, candidate, check)
+            else:
+                check.method = THRESHOLD_TEST
         checks.append(check)
+    tested = [c for c in checks if c.p_value is not None]
+    for check, adjusted in zip(tested, holm([c.p_value for c in tested])):
+        check.p_holm = adjusted
+    for check in checks:
+        _judge(check, thresholds.alpha)
     return checks
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
 
 
 def markdown(checks: list[Check], title: str) -> str:
     verdict = "PASS" if all(c.status == "pass" for c in checks) else "FAIL"
-    lines = [f"### {title}: {verdict}", "", "| task | metric | baseline | candidate | delta | p | result | why |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"### {title}: {verdict}", "", "| task | metric | baseline | candidate | delta | p | Holm p | test | result | why |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
-        p = "–" if c.p_value is None else f"{c.p_value:.4f}"
         mark = "✅ pass" if c.status == "pass" else f"❌ {c.status}"
-        lines.append(f"| {c.task} | {c.metric} | {c.baseline:.4f} | {c.candidate:.4f} | {c.delta:+.4f} | {p} | {mark} | {c.reason} |")
+        lines.append(f"| {c.task} | {c.metric} | {c.baseline:.4f} | {c.candidate:.4f} | {c.delta:+.4f} | {_p(c.p_value)} "
+                     f"| {_p(c.p_holm)} | {c.method or '–'} | {mark} | {c.reason} |")
+    tested = sum(c.p_holm is not None for c in checks)
+    if tested:
+        lines += ["", f"p: one-sided paired sign-flip test of H0 'drop <= allowed' over the documents (exact: every "
+                      f"sign pattern; Monte Carlo: {PERMUTATIONS} random ones); Holm p: adjusted across the {tested} "
+                      f"tested metric{'s' if tested > 1 else ''}; a regression needs Holm p <= alpha, which bounds "
+                      f"the chance of failing any metric whose true drop is within its allowance."]
     return "\n".join(lines) + "\n"
 
 
@@ -202,12 +312,13 @@ def junit_xml(checks: list[Check], name: str, seconds: float) -> str:
     for c in checks:
         case = ElementTree.SubElement(suite, "testcase", classname=f"forgetting.gate.{c.task}", name=c.metric,
                                       time="0")
+        numbers = (f"baseline {c.baseline:.6f}, candidate {c.candidate:.6f}, delta {c.delta:+.6f}, "
+                   f"p {_p(c.p_value)}, Holm p {_p(c.p_holm)}, test {c.method or '–'}")
         if c.status != "pass":
             failure = ElementTree.SubElement(case, "failure", message=f"{c.status}: {c.reason}", type=c.status)
-            failure.text = (f"baseline {c.baseline:.6f}, candidate {c.candidate:.6f}, delta {c.delta:+.6f}, "
-                            f"p {c.p_value if c.p_value is not None else 'n/a'}")
+            failure.text = numbers
         else:
-            ElementTree.SubElement(case, "system-out").text = c.reason
+            ElementTree.SubElement(case, "system-out").text = f"{c.reason}\n{numbers}"
     suites = ElementTree.Element("testsuites", name="forgetting gate", tests=str(len(checks)), failures=str(failures))
     suites.append(suite)
     ElementTree.indent(suites)
@@ -258,6 +369,9 @@ def load_baseline(source: str, settings_overrides: dict, cache_dir) -> tuple[dic
             raise UserError(f"--baseline: {path} is not a results JSON ({err})") from None
         if not isinstance(baseline, dict) or "results" not in baseline:
             raise UserError(f"--baseline: {path} has no 'results' (not an lm-eval/forgetting results file)")
+        if "batch_size" in settings_overrides:  # the candidate is evaluated with the baseline's settings
+            raise UserError("--batch-size: the baseline results file decides the settings (batching can change "
+                            "scores); drop the flag, or pass the baseline model to evaluate both at this size")
         settings = dict(baseline.get("forgetting", {}).get("settings") or {})
         check_same_settings(baseline, settings | settings_overrides)
         return baseline, settings

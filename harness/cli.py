@@ -6,9 +6,10 @@
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
     forgetting run EXPERIMENT.yaml [key=value ...] [--quick]   base eval, strategies x seeds, reports (resumes)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
-    forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage
+    forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage,
+                                                    3 runtime failure (no verdict)
 
-Bad input exits 2 and runtime failures exit 1, each with one line on stderr; `--debug` shows the traceback.
+Bad input exits 2 and runtime failures exit 1 (gate: 3), each with one line on stderr; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -152,6 +153,25 @@ def cmd_report(args) -> int:
 
 
 def cmd_gate(args) -> int:
+    """Exit 0 pass, 1 regression, 2 usage (UserError), 3 any failure while running (1 would read as a verdict)."""
+    from evals.gate import runtime_failure
+    from harness.errors import UserError
+
+    try:
+        return _gate(args)
+    except UserError:
+        raise
+    except Exception as err:
+        if not args.debug:
+            raise runtime_failure(err) from err
+        import traceback
+
+        traceback.print_exc()  # --debug: the traceback, and still exit 3
+        print(f"error: {runtime_failure(err)}", file=sys.stderr)
+        return 3
+
+
+def _gate(args) -> int:
     import time
     from pathlib import Path
 
@@ -222,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report, config=None, overrides=[])
     gt = commands.add_parser("gate", help="fail (exit 1) when a checkpoint forgot more than allowed vs a baseline",
                              description="Evaluate CANDIDATE like BASELINE and compare per metric: a drop beyond the "
-                                         "threshold that a paired test finds significant is a regression (exit 1); "
-                                         "usage or config errors exit 2.", epilog=FLAGS)
+                                         "threshold that a paired test finds significant (Holm across metrics) is a "
+                                         "regression. Exit codes: 0: pass; 1: regression or insufficient gain; "
+                                         "2: usage or config error; 3: runtime failure (no verdict).", epilog=FLAGS)
     gt.add_argument("candidate", help="checkpoint directory, LoRA adapter directory, hub id or embedded:...")
     gt.add_argument("--baseline", required=True, help="results JSON (forgetting eval / base/eval.json / --output of a gate) or a model")
     gt.add_argument("--adapter", help="PEFT adapter directory to apply on CANDIDATE")
@@ -232,10 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allowed drop, absolute (0.02) or relative (5%%); repeatable")
     gt.add_argument("--min-gain", action="append", metavar="TASK[/METRIC]=X", help="required gain, e.g. forgetting_target=0.5")
     gt.add_argument("--test", choices=["paired", "threshold"], help="paired (default): a drop must also be significant")
-    gt.add_argument("--alpha", type=float, help="significance level of the paired test (default 0.05)")
+    gt.add_argument("--alpha", type=float, help="familywise significance level across metrics, Holm (default 0.05)")
     gt.add_argument("--tasks", help="tasks when BASELINE is a model (a results file brings its own)")
     gt.add_argument("--limit", type=int, help="documents per task when BASELINE is a model")
-    gt.add_argument("--batch-size", type=int, help="lm-eval batch size")
+    gt.add_argument("--batch-size", type=int, help="lm-eval batch size when BASELINE is a model (refused with a file)")
     gt.add_argument("--output", help="write the candidate's results JSON here (the next baseline)")
     gt.add_argument("--markdown", help="write the verdict table as Markdown (for a PR comment)")
     gt.add_argument("--junit", help="write JUnit XML, one test case per metric")

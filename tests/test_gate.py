@@ -1,8 +1,10 @@
-"""The regression gate: decisions on fixed per-document scores, the paired test, JUnit XML, settings checks,
-and end to end on tiny models and on the embedded model made to forget."""
+"""The regression gate: decisions on fixed per-document scores, the paired test (exact p-values, the allowance in
+the null, Holm across metrics, simulated error rates), JUnit XML, settings checks, exit codes, and end to end
+on tiny models and on the embedded model made to forget."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from xml.etree import ElementTree
@@ -10,9 +12,10 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from evals.gate import Thresholds, compare, junit_xml, markdown, sign_flip_pvalue
+from evals.gate import Thresholds, compare, holm, junit_xml, markdown, sign_flip_pvalue
 from harness.cli import main
 from harness.configlib import from_dict
+from harness.errors import RunError
 
 PRIMARY = {"forgetting_knowledge": "acc", "forgetting_prose": "bits_per_byte", "forgetting_target": "exact_match"}
 
@@ -77,15 +80,6 @@ def test_relative_thresholds_lower_is_better_metrics_and_minimum_gain():
     assert relaxed["forgetting_prose"].status == "pass"
 
 
-def test_sign_flip_pvalue_matches_exact_enumeration():
-    diffs = np.array([-1.0, -1.0, -1.0, 0.0, 1.0, -1.0])
-    weights = np.ones(6)
-    observed = diffs.mean()
-    signs = np.array(np.meshgrid(*[[-1, 1]] * 6)).reshape(6, -1).T
-    exact = np.mean((signs * diffs).mean(1) <= observed + 1e-12)
-    assert sign_flip_pvalue(diffs, weights, permutations=200000) == pytest.approx(exact, abs=0.01)
-
-
 def test_junit_xml_and_markdown_describe_each_check():
     forgot = results([1] * 70 + [0] * 30, [1] * 20, [(-100.0, 50)] * 10)
     checks = list(decide(forgot).values())
@@ -98,8 +92,132 @@ def test_junit_xml_and_markdown_describe_each_check():
     failure = cases["forgetting.gate.forgetting_knowledge.acc"].find("failure")
     assert failure is not None and failure.get("type") == "regression"
     assert cases["forgetting.gate.forgetting_prose.bits_per_byte"].find("failure") is None
+    assert "test exact" in failure.text and "Holm p" in failure.text  # which test decided, with its numbers
     text = markdown(checks, "gate")
     assert "FAIL" in text and "| forgetting_knowledge | acc | 0.9000 | 0.7000 | -0.2000 |" in text
+    assert "| exact | ❌ regression |" in text and "Holm p: adjusted across the 3 tested metrics" in text
+
+
+# --- per-document scores for every metric lm-eval keeps them for; the rest judged by threshold alone, saying so
+
+def with_wiki(res: dict, perplexities: list[float] | None, words: int = 10, samples: bool = True) -> dict:
+    """`res` plus a loglikelihood_rolling task whose documents have these word perplexities (lm-eval's layout)."""
+    res = json.loads(json.dumps(res))
+    pairs = [(-words * math.log(p), words) for p in perplexities]
+    res["results"]["forgetting_wiki"] = {"word_perplexity,none": math.exp(-sum(ll for ll, _ in pairs) / sum(n for _, n in pairs))}
+    res["higher_is_better"]["forgetting_wiki"] = {"word_perplexity": False}
+    if samples:
+        res["samples"]["forgetting_wiki"] = [{"doc_id": i, "doc": {}, "metrics": ["word_perplexity"],
+                                              "word_perplexity": list(pair)} for i, pair in enumerate(pairs)]
+    return res
+
+
+def decide_wiki(base: dict, candidate: dict, **thresholds) -> dict:
+    checks = compare(base, candidate, from_dict(Thresholds, thresholds), PRIMARY | {"forgetting_wiki": "word_perplexity"})
+    return {c.task: c for c in checks}
+
+
+def test_a_word_perplexity_rise_is_tested_per_document_on_the_log_scale():
+    base, worse = with_wiki(BASE, [10.0] * 20), with_wiki(BASE, [40.0] * 20)
+    check = decide_wiki(base, worse, metrics={"forgetting_wiki": {"max_drop": "10%"}})["forgetting_wiki"]
+    assert (check.baseline, check.candidate) == (pytest.approx(10.0), pytest.approx(40.0))
+    assert check.status == "regression" and check.method == "exact" and check.p_value == pytest.approx(2.0 ** -20)
+    # every document exactly 10% worse: at the allowance, not beyond it; 11% worse beyond it
+    at_allowance = decide_wiki(base, with_wiki(BASE, [11.0] * 20), metrics={"forgetting_wiki": {"max_drop": "10%"}})
+    assert at_allowance["forgetting_wiki"].status == "pass" and at_allowance["forgetting_wiki"].p_value == 1.0
+    beyond = decide_wiki(base, with_wiki(BASE, [11.1] * 20), metrics={"forgetting_wiki": {"max_drop": "10%"}})
+    assert beyond["forgetting_wiki"].status == "regression"
+
+
+def test_a_metric_without_per_document_scores_is_judged_by_its_threshold_and_says_so():
+    base, worse = with_wiki(BASE, [10.0] * 20, samples=False), with_wiki(BASE, [40.0] * 20, samples=False)
+    check = decide_wiki(base, worse, metrics={"forgetting_wiki": {"max_drop": "10%"}})["forgetting_wiki"]
+    assert check.status == "regression" and check.p_value is None
+    assert "threshold only: no per-document scores" in check.reason
+    assert "threshold only: no per-document scores" in markdown([check], "gate")
+    within = decide_wiki(base, with_wiki(BASE, [10.5] * 20, samples=False),
+                         metrics={"forgetting_wiki": {"max_drop": "10%"}})["forgetting_wiki"]
+    assert within.status == "pass" and "threshold only: no per-document scores" in within.reason
+
+
+# --- the statistics: exact p-values, the allowance in the null, Holm across metrics
+
+def brute_force_pvalue(diffs, weights, allowance):
+    terms = np.asarray(weights) * (np.asarray(diffs) - allowance)
+    sums = [float(np.dot(signs, terms)) for signs in itertools.product([-1.0, 1.0], repeat=len(terms))]
+    return sum(s >= terms.sum() - 1e-9 for s in sums) / len(sums)
+
+
+@pytest.mark.parametrize("diffs,weights,allowance", [
+    ([1.0, 1.0, 1.0, 0.0, -1.0, 1.0], [1.0] * 6, 0.0),
+    ([1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0, 1.0, 0.0, -1.0, 1.0], [1.0] * 12, 0.05),  # ties, shifted
+    ([0.3, -0.1, 0.25, 0.4, 0.05, -0.2, 0.31, 0.12, 0.0, 0.22], [3, 1, 2, 5, 1, 1, 2, 4, 1, 2], 0.1),  # weighted
+])
+def test_exact_pvalue_equals_brute_force_enumeration(diffs, weights, allowance):
+    p, method = sign_flip_pvalue(np.array(diffs), np.array(weights, float), allowance)
+    assert method == "exact"
+    assert p == pytest.approx(brute_force_pvalue(diffs, weights, allowance), abs=1e-12)
+    approx, method = sign_flip_pvalue(np.array(diffs), np.array(weights, float), allowance, max_exact=1)
+    assert method == "Monte Carlo" and approx == pytest.approx(p, abs=0.01)
+
+
+def test_many_distinct_differences_fall_back_to_monte_carlo():
+    diffs = np.random.default_rng(0).normal(0.1, 1.0, 40)  # 2^40 sign patterns
+    p, method = sign_flip_pvalue(diffs, np.ones(40))
+    assert method == "Monte Carlo" and 0 < p < 1
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted 0.005, 0.01, 0.03, 0.04 against 0.05/4, 0.05/3, 0.05/2, 0.05/1: the first two are rejected, then stop
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([]) == [] and holm([0.7]) == [0.7] and holm([0.5, 0.6]) == [1.0, 1.0]
+
+
+def test_two_drops_significant_alone_are_not_regressions_after_holm():
+    base = results([1] * 90 + [0] * 10, [1] * 20, [(-100.0, 50)] * 10)
+    rules = {"forgetting_knowledge": {"max_drop": "0"}, "forgetting_target": {"max_drop": "0"}}
+    five_lost = results([1] * 85 + [0] * 15, [1] * 15 + [0] * 5, [(-100.0, 50)] * 10)  # exact p = 2^-5 each
+    checks = {c.task: c for c in compare(base, five_lost, from_dict(Thresholds, {"metrics": rules}), PRIMARY)}
+    for task in ("forgetting_knowledge", "forgetting_target"):
+        assert checks[task].p_value == pytest.approx(1 / 32) and checks[task].p_holm == pytest.approx(3 / 32)
+        assert checks[task].status == "pass" and "not significant" in checks[task].reason
+    seven_lost = results([1] * 83 + [0] * 17, [1] * 13 + [0] * 7, [(-100.0, 50)] * 10)  # 3 * 2^-7 < 0.05
+    checks = compare(base, seven_lost, from_dict(Thresholds, {"metrics": rules}), PRIMARY)
+    assert [c.status for c in checks if c.task != "forgetting_prose"] == ["regression", "regression"]
+
+
+def simulated_gate(rng, metrics: int, docs: int, lose: float, gain: float, max_drop: str) -> bool:
+    """One gate over `metrics` tasks of per-document 0/1 scores; True when it fails."""
+    def task(values):
+        return {"acc,none": float(np.mean(values))}
+
+    base, cand = {}, {}
+    for t in range(metrics):
+        before = rng.random(docs) < 0.7
+        change = rng.random(docs)
+        after = np.where(before & (change < lose / 0.7), False, np.where(~before & (change < gain / 0.3), True, before))
+        for res, values in ((base, before), (cand, after)):
+            res.setdefault("results", {})[f"t{t}"] = task(values)
+            res.setdefault("higher_is_better", {})[f"t{t}"] = {"acc": True}
+            res.setdefault("samples", {})[f"t{t}"] = [{"doc_id": i, "metrics": ["acc"], "acc": bool(v)}
+                                                     for i, v in enumerate(values)]
+    thresholds = from_dict(Thresholds, {"default": {"max_drop": max_drop}})
+    return any(c.status != "pass" for c in compare(base, cand, thresholds, {f"t{t}": "acc" for t in range(metrics)}))
+
+
+def test_with_no_true_change_the_familywise_failure_rate_stays_within_alpha():
+    # the hardest null: no allowance, each document as likely to be lost as gained; 15 metrics per gate
+    rng = np.random.default_rng(1)
+    failures = sum(simulated_gate(rng, metrics=15, docs=100, lose=0.05, gain=0.05, max_drop="0") for _ in range(300))
+    assert failures / 300 <= 0.05
+
+
+def test_a_true_drop_exactly_at_the_allowance_fails_at_most_about_alpha():
+    # 15% of documents lost, 10% gained: the expected drop is exactly the allowed 0.05
+    rng = np.random.default_rng(2)
+    failures = sum(simulated_gate(rng, metrics=1, docs=200, lose=0.15, gain=0.10, max_drop="0.05")
+                   for _ in range(400))
+    assert failures / 400 <= 0.06
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +248,7 @@ def test_gate_passes_an_identical_candidate_and_writes_every_output(tiny_baselin
     (["--max-drop", "forgetting_knowledge=lots"], "expected a number like 0.02 or a percentage"),
     (["--min-gain", "forgetting_target=x"], "is not a number"),
     (["--alpha", "2"], "alpha: must be in (0, 1)"),
+    (["--batch-size", "4"], "--batch-size: the baseline results file decides the settings"),
 ])
 def test_gate_usage_errors_exit_2_with_one_line(tiny_baseline, capsys, extra, message):
     assert main(["gate", "tiny-random", "--baseline", str(tiny_baseline), *extra]) == 2
@@ -176,3 +295,28 @@ def test_gate_with_a_model_as_baseline_evaluates_both_the_same_way(tmp_path, cap
     assert "1 of 1 checks passed" in capsys.readouterr().out
     saved = json.loads((tmp_path / "next.json").read_text())["forgetting"]["settings"]
     assert saved["tasks"] == ["forgetting_knowledge"] and saved["limit"] == 4
+
+
+@pytest.mark.parametrize("error", [RunError("model 'cand': weights do not match the config"),
+                                   OSError(28, "No space left on device", "next.json"),
+                                   RuntimeError("CUDA error: device-side assert triggered\nsecond line")])
+def test_a_runtime_failure_exits_3_never_1(monkeypatch, tmp_path, capsys, error):
+    from evals import gate
+
+    def crash(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(gate, "run_gate", crash)
+    assert main(["gate", "cand", "--baseline", str(tmp_path / "base.json")]) == 3
+    err = capsys.readouterr().err
+    assert "no verdict" in err and len(err.strip().splitlines()) == 1
+    assert main(["gate", "cand", "--baseline", str(tmp_path / "base.json"), "--debug"]) == 3  # with the traceback
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_gate_help_lists_every_exit_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["gate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for code in ("0: pass", "1: regression", "2: usage", "3: runtime failure"):
+        assert code in text
