@@ -1,7 +1,8 @@
 """Error types the CLI turns into one-line messages and exit codes.
 
 `UserError` is bad input (config, data, paths, flags): exit 2. `RunError` is a failure while running
-(non-finite loss, a model that cannot load): exit 1. Both carry a message that names the file, line or
+(non-finite loss, a model that cannot load): exit 1 (`forgetting gate` exits 3 instead, because its 1 means
+"regression"). Both carry a message that names the file, line or
 field at fault; the CLI prints it without a traceback unless `--debug` is given.
 """
 
