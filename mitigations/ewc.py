@@ -12,6 +12,13 @@ of a minibatch's mean gradient, which underestimates F (the common bug). Estimat
              data prefix (the true Fisher, one sample per position).
 F and theta* are saved to `output_dir/ewc_fisher.safetensors` and can be reused (`fisher_path`); with
 `online_decay` the loaded F is decayed and the new estimate added (online EWC over sequential SFT stages).
+The file holds the raw F: `normalize` divides only the F in use, after any combining, so a normalised run's
+file mixes with a new estimate in the documented proportion.
+
+With LoRA the penalised weight of an adapted linear layer is its effective weight W + scale * B @ A: F is the
+base model's Fisher of W (estimated before training, while B = 0 makes the adapted model the base model), the
+penalty (strength / 2) sum F (scale * B @ A)^2, and its exact gradient reaches B and A through delta W. (The
+Fisher of the factors themselves would leave A unconstrained: at B = 0 its gradient is exactly 0.)
 Every report records estimator, sample count and normalisation beside the strength: it means nothing without them.
 """
 
@@ -58,6 +65,32 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
+def lora_factors(layer) -> list[torch.nn.Parameter]:
+    return [f for a in layer.active_adapters for f in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
+
+
+def lora_delta(layer) -> torch.Tensor:
+    """scale * B @ A summed over the active adapters, in the layout of the base weight."""
+    delta = sum(layer.scaling[a] * (layer.lora_B[a].weight @ layer.lora_A[a].weight) for a in layer.active_adapters)
+    return delta.T if layer.fan_in_fan_out else delta
+
+
+def penalised(model) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Module]]]:
+    """What EWC penalises, in a fixed order: the trainable parameters other than LoRA factors, and the LoRA
+    linear layers (their effective weight, named after the base weight)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # without peft there are no LoRA layers
+        LoraLinear = ()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    factors = {id(f) for _, m in layers for f in lora_factors(m)}
+    plain = [(n, p) for n, p in trainable(model) if id(p) not in factors]
+    if any("lora_" in n for n, _ in plain):
+        raise UserError("mitigations: ewc supports LoRA on linear layers only (these adapters are not: "
+                        f"{next(n for n, _ in plain if 'lora_' in n)})")
+    return plain, [(f"{n}.base_layer.weight", m) for n, m in layers]
+
+
 def sample_labels(model, batch: dict, generator: torch.Generator) -> dict:
     """The batch with every target replaced by a draw from the model's predictive distribution."""
     keep, _ = next_token_targets(batch["labels"])
@@ -71,9 +104,13 @@ def sample_labels(model, batch: dict, generator: torch.Generator) -> dict:
     return dict(batch, labels=labels)
 
 
-def estimate_fisher(model, examples: list, pad_id: int, estimator: str, seed: int = 0) -> list[torch.Tensor]:
-    """Diagonal Fisher: mean over examples of the squared gradient of each example's mean token log-likelihood."""
-    params = [p for _, p in trainable(model)]
+def estimate_fisher(model, examples: list, pad_id: int, estimator: str, seed: int = 0,
+                    params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Diagonal Fisher: mean over examples of the squared gradient of each example's mean token log-likelihood.
+
+    Of `params` (default: the trainable parameters); each must require grad.
+    """
+    params = params if params is not None else [p for _, p in trainable(model)]
     fisher = [torch.zeros_like(p) for p in params]
     device = params[0].device
     generator = torch.Generator().manual_seed(seed)
@@ -96,11 +133,13 @@ def estimate_fisher(model, examples: list, pad_id: int, estimator: str, seed: in
 class EWC:
     def __init__(self, config: EWCConfig):
         self.config = config
+        # aligned lists over the penalised weights, in `penalised(model)` order: plain parameters, then LoRA layers
         self.names: list[str] = []
         self.anchor: list[torch.Tensor] = []
         self.fisher: list[torch.Tensor] = []
-        self.weighted_anchor: list[torch.Tensor] = []  # F * theta*, formed on first use
+        self.weighted_anchor: list[torch.Tensor] = []  # F * theta* of the plain parameters, formed on first use
         self.used_samples = 0
+        self.answer_counts: dict = {}  # self data: answers that finished / were cut at max_new_tokens
 
     def _examples(self, model, ctx) -> list:
         from mitigations import rehearsal
@@ -109,16 +148,25 @@ class EWC:
         if c.data == "sft":
             return list(ctx.examples[: c.samples])
         if c.data == "self":
-            return rehearsal.self_rehearsal(model, ctx.tokenizer, ctx.job.data.format, c.samples, c.max_new_tokens,
-                                            c.max_seq_len, ctx.output_dir / "ewc_self.jsonl")
+            examples, self.answer_counts = rehearsal.self_rehearsal(
+                model, ctx.tokenizer, ctx.job.data.format, c.samples, c.max_new_tokens, c.max_seq_len,
+                ctx.output_dir / "ewc_self.jsonl")
+            return examples
         texts = rehearsal.read_texts(c.data, "train", "text", c.samples)
         return [rehearsal.text_example(ctx.tokenizer, t, c.max_seq_len) for t in texts]
 
     def _load(self, path: str) -> tuple[dict, dict]:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         if not Path(path).is_file():
             raise UserError(f"mitigations: ewc fisher_path {path} not found")
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+        saved_normalize = json.loads(metadata.get("config", "{}")).get("normalize", "none")
+        if self.config.online_decay is not None and metadata.get("fisher") != "raw" and saved_normalize != "none":
+            raise UserError(f"mitigations: ewc fisher_path {path} holds a normalised Fisher (saved by an older "
+                            f"version), which cannot be combined with a new estimate; re-estimate it")
         tensors = load_file(path)
         fisher = {k[len("fisher."):]: v for k, v in tensors.items() if k.startswith("fisher.")}
         anchor = {k[len("anchor."):]: v for k, v in tensors.items() if k.startswith("anchor.")}
@@ -130,48 +178,80 @@ class EWC:
         from safetensors.torch import save_file
 
         c = self.config
-        named = trainable(model)
-        self.names = [n for n, _ in named]
-        self.anchor = [p.detach().clone() for _, p in named]
+        plain, layers = penalised(model)
+        self.names = [n for n, _ in plain] + [n for n, _ in layers]
+        weights = [p for _, p in plain] + [m.base_layer.weight for _, m in layers]
+        # theta*: a copy of each trained parameter; a LoRA layer's base weight itself (frozen, so it stays W)
+        self.anchor = [p.detach().clone() for _, p in plain] + [m.base_layer.weight.detach() for _, m in layers]
         loaded = self._load(c.fisher_path) if c.fisher_path else None
         if loaded is not None and c.online_decay is None:
             fisher, anchor = loaded
-            self.fisher = [fisher[n].to(p.device) for n, p in named]
-            self.anchor = [anchor[n].to(p.device) for n, p in named]
+            self.fisher = [fisher[n].to(w.device) for n, w in zip(self.names, weights)]
+            self.anchor = [anchor[n].to(w.device) for n, w in zip(self.names, weights)]
         else:
             examples = self._examples(model, ctx)
             self.used_samples = len(examples)
-            self.fisher = estimate_fisher(model, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed)
+            frozen = [m.base_layer.weight for _, m in layers]
+            for w in frozen:  # the gradient w.r.t. the base weight, taken while B = 0: the base model's
+                w.requires_grad_(True)
+            try:
+                self.fisher = estimate_fisher(model, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed,
+                                              params=weights)
+            finally:
+                for w in frozen:
+                    w.requires_grad_(False)
             if loaded is not None:
                 self.fisher = [c.online_decay * loaded[0][n].to(f.device) + f for n, f in zip(self.names, self.fisher)]
-        if c.normalize != "none":
-            flat = torch.cat([f.flatten() for f in self.fisher])
-            scale = flat.mean() if c.normalize == "mean" else flat.max()
-            self.fisher = [f / scale.clamp_min(1e-30) for f in self.fisher]
-        if ctx.accelerator.is_main_process:
+        if ctx.accelerator.is_main_process:  # the raw F: a later online stage combines raw with raw
             ctx.output_dir.mkdir(parents=True, exist_ok=True)
             tensors = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.fisher)}
             tensors |= {f"anchor.{n}": a.cpu().contiguous() for n, a in zip(self.names, self.anchor)}
             save_file(tensors, str(ctx.output_dir / "ewc_fisher.safetensors"),
-                      metadata={"config": json.dumps(c.__dict__), "samples": str(self.used_samples)})
+                      metadata={"config": json.dumps(c.__dict__), "samples": str(self.used_samples), "fisher": "raw"})
+        if c.normalize != "none":
+            flat = torch.cat([f.flatten() for f in self.fisher])
+            scale = (flat.mean() if c.normalize == "mean" else flat.max()).clamp_min(1e-30)
+            self.fisher = [f / scale for f in self.fisher]
+
+    @staticmethod
+    def _lora_diff(layer, anchor: torch.Tensor) -> torch.Tensor:
+        """Effective weight minus theta*: scale * B @ A, plus W - theta* where theta* is not W itself (loaded)."""
+        weight = layer.base_layer.weight
+        delta = lora_delta(layer)
+        return delta if anchor.data_ptr() == weight.data_ptr() else delta + (weight - anchor)
 
     def value(self, model) -> torch.Tensor:
         """The penalty (strength / 2) * sum F (theta - theta*)^2 (for reports and tests; not formed per step)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        terms = [(f * (p - a).pow(2)).sum() for p, a, f in zip(params, self.anchor, self.fisher)]
+        plain, layers = penalised(model)
+        k = len(plain)
+        terms = [(f * (p - a).pow(2)).sum() for (_, p), a, f in zip(plain, self.anchor, self.fisher)]
+        terms += [(f * self._lora_diff(m, a).pow(2)).sum()
+                  for (_, m), a, f in zip(layers, self.anchor[k:], self.fisher[k:])]
         return 0.5 * self.config.strength * torch.stack(terms).sum()
 
     @torch.no_grad()
     def penalty_grad(self, model, ctx) -> None:
-        """grad += strength * (F * theta - F * theta*): the penalty's exact gradient, two fused passes."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        if len(self.weighted_anchor) != len(params):
-            self.weighted_anchor = torch._foreach_mul(self.anchor, self.fisher)
+        """grad += the penalty's exact gradient.
+
+        Plain parameters: strength * (F * theta - F * theta*), two fused passes. LoRA layers: with
+        G = strength * F * delta W (in B @ A's layout), dB = scale * G @ A^T and dA = scale * B^T @ G.
+        """
+        plain, layers = penalised(model)
+        params, k, lam = [p for _, p in plain], len(plain), self.config.strength
+        if len(self.weighted_anchor) != k:
+            self.weighted_anchor = torch._foreach_mul(self.anchor[:k], self.fisher[:k])
         live = [i for i, p in enumerate(params) if p.grad is not None]
         grads = [params[i].grad for i in live]
-        torch._foreach_addcmul_(grads, [self.fisher[i] for i in live], [params[i] for i in live],
-                                value=self.config.strength)
-        torch._foreach_add_(grads, [self.weighted_anchor[i] for i in live], alpha=-self.config.strength)
+        if live:
+            torch._foreach_addcmul_(grads, [self.fisher[i] for i in live], [params[i] for i in live], value=lam)
+            torch._foreach_add_(grads, [self.weighted_anchor[i] for i in live], alpha=-lam)
+        for (_, layer), anchor, fisher in zip(layers, self.anchor[k:], self.fisher[k:]):
+            g = lam * fisher * self._lora_diff(layer, anchor)
+            g = g.T if layer.fan_in_fan_out else g
+            for a in layer.active_adapters:
+                A, B, scale = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
+                for factor, grad in ((B, scale * (g @ A.T)), (A, scale * (B.T @ g))):
+                    factor.grad = grad if factor.grad is None else factor.grad.add_(grad)
 
     def report(self, model, ctx) -> dict:
         flat = torch.cat([f.flatten() for f in self.fisher])
@@ -179,5 +259,6 @@ class EWC:
             final = float(self.value(model))
         return {"strength": self.config.strength, "estimator": self.config.estimator,
                 "samples": self.used_samples, "data": self.config.data, "normalize": self.config.normalize,
-                "online_decay": self.config.online_decay, "fisher_mean": float(flat.mean()),
+                "online_decay": self.config.online_decay, **self.answer_counts,
+                "lora_layers": len(penalised(model)[1]), "fisher_mean": float(flat.mean()),
                 "fisher_max": float(flat.max()), "final_penalty": final}

@@ -3,6 +3,9 @@
 Penalty each optimizer step: strength * mean over response positions of KL(p_base || p_current), on a
 cycling batch of general examples (self-synthesized rehearsal by default, or any replay source). The base
 model is a frozen copy taken before training (twice the weight memory).
+
+Step k's batch is a function of k (pool items k*batch_size ...), so a resumed run sees the batches the
+uninterrupted run would have: `prepare` takes the step the loop resumes from, the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from harness import checkpoint as ckpt
 from harness.batching import collate
 from harness.configlib import knob
 from harness.loss import next_token_targets
@@ -54,19 +58,28 @@ class KLToBase:
         self.config = config
         self.base = None
         self.pool: list = []
-        self.cursor = 0
+        self.counts: dict = {}
+        self.step = 0  # the optimizer step the next penalty() call belongs to
         self.last = 0.0
 
     def prepare(self, model, ctx) -> None:
         c = self.config
         source = ReplayConfig(source=c.source, pool_size=c.pool_size, max_new_tokens=c.max_new_tokens,
                               max_seq_len=c.max_seq_len)
-        self.pool = replay_pool(source, model, ctx)
+        self.pool, self.counts = replay_pool(source, model, ctx)
         self.base = copy.deepcopy(model).eval().requires_grad_(False)
+        # the loop resumes from the newest complete checkpoint (harness.train), and calls penalty() once a step
+        resumable = ckpt.checkpoint_dirs(ctx.output_dir)
+        self.step = resumable[-1][0] if resumable else 0
+
+    def batch_at(self, step: int) -> list:
+        """The general examples of optimizer step `step` (0-based): the pool read cyclically, batch after batch."""
+        first = step * self.config.batch_size
+        return [self.pool[(first + i) % len(self.pool)] for i in range(self.config.batch_size)]
 
     def penalty(self, model, ctx) -> torch.Tensor:
-        picked = [self.pool[(self.cursor + i) % len(self.pool)] for i in range(self.config.batch_size)]
-        self.cursor += self.config.batch_size
+        picked = self.batch_at(self.step)
+        self.step += 1
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(picked, ctx.tokenizer.pad_token_id).items()}
         with torch.no_grad():
@@ -77,4 +90,4 @@ class KLToBase:
 
     def report(self, model, ctx) -> dict:
         return {"strength": self.config.strength, "source": self.config.source, "pool": len(self.pool),
-                "last_kl": float(self.last)}
+                **self.counts, "last_kl": float(self.last)}

@@ -1,9 +1,12 @@
-"""replay: mix general data into the SFT stream at a fixed ratio, by examples or by tokens, seeded.
+"""replay: mix general data into the SFT stream at a fixed ratio, by loss tokens, tokens or examples, seeded.
 
 Sources: `self` (self-synthesized rehearsal: the base model's own answers to general prompts, the offline
 default), a .txt / .jsonl file of plain text, a conversation file in any layout `data.path` accepts (with
 `kind: conversations`), or a `datasets` name (streamed). Plain text is trained with full-sequence loss,
-conversations with response-only loss. `ratio` is the replay share of the mixed stream.
+conversations with response-only loss. `ratio` is the replay share of the mixed stream; by default of its
+target tokens, the tokens the loss is taken on (each weighs the same in a step's loss), so it is the replay
+share of the loss. Counted in examples or all tokens it can be far off that: plain text is all targets,
+a conversation's prompt is none. The report records the realised share by all three measures.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from harness.batching import target_tokens
 from harness.configlib import knob
 from mitigations import register_mitigation
 
@@ -19,7 +23,8 @@ from mitigations import register_mitigation
 @dataclass
 class ReplayConfig:
     ratio: float = knob(0.2, "share of the mixed training stream that is replay data, in [0, 1)")
-    by: Literal["examples", "tokens"] = knob("examples", "measure the ratio in examples or in tokens")
+    by: Literal["target_tokens", "tokens", "examples"] = knob(
+        "target_tokens", "what the ratio counts: target_tokens (the share of the loss), tokens or examples")
     source: str = knob("self", "self (self-synthesized rehearsal), a .txt/.jsonl file, or a datasets name")
     kind: Literal["text", "conversations"] = knob("text", "for file sources: plain text or SFT conversations")
     split: str = knob("train", "datasets split (hub sources)")
@@ -36,8 +41,15 @@ class ReplayConfig:
             raise ValueError("pool_size and max_new_tokens must be >= 1, max_seq_len >= 8")
 
 
-def replay_pool(config: ReplayConfig, model, ctx) -> list:
-    """The distinct replay examples (tokenized) for `config.source`."""
+MEASURES = {"examples": lambda e: 1, "tokens": len, "target_tokens": lambda e: target_tokens([e])}
+
+
+def replay_pool(config: ReplayConfig, model, ctx) -> tuple[list, dict]:
+    """The distinct replay examples (tokenized) for `config.source`, and counts for the report.
+
+    Self rehearsal counts answers that finished and that were cut at max_new_tokens; plain text counts texts
+    cut at max_seq_len.
+    """
     from mitigations import rehearsal
 
     tokenizer = ctx.tokenizer
@@ -50,9 +62,10 @@ def replay_pool(config: ReplayConfig, model, ctx) -> list:
 
         data = replace(ctx.job.data, path=config.source, split=config.split, limit=config.pool_size,
                        max_seq_len=config.max_seq_len, eval_split=None)
-        return tokenize_all(load_conversations(data), tokenizer, data)[0]
+        return tokenize_all(load_conversations(data), tokenizer, data)[0], {}
     texts = rehearsal.read_texts(config.source, config.split, config.text_field, config.pool_size)
-    return [rehearsal.text_example(tokenizer, t, config.max_seq_len) for t in texts]
+    examples = [rehearsal.text_example(tokenizer, t, config.max_seq_len) for t in texts]
+    return examples, {"texts_cut": sum(e.input_ids[-1] != tokenizer.eos_token_id for e in examples)}
 
 
 def _cycle(pool: list, rng: random.Random):
@@ -62,9 +75,9 @@ def _cycle(pool: list, rng: random.Random):
 
 def fill_quota(pool: list, sft: list, ratio: float, by: str, rng: random.Random) -> list:
     """Replay examples, cycling through seeded shuffles of the pool, until they are nearest to `ratio` of the mix."""
-    if ratio == 0 or not pool:
+    measure = MEASURES[by]
+    if ratio == 0 or not any(map(measure, pool)):
         return []
-    measure = (lambda e: 1) if by == "examples" else len
     quota = ratio / (1 - ratio) * sum(measure(e) for e in sft)
     chosen, total = [], 0
     for example in _cycle(pool, rng):
@@ -74,6 +87,11 @@ def fill_quota(pool: list, sft: list, ratio: float, by: str, rng: random.Random)
         total += measure(example)
 
 
+def shares(extra: list, mixed: list) -> dict:
+    """The replay share of the mixed stream by each measure."""
+    return {name: sum(map(m, extra)) / max(1, sum(map(m, mixed))) for name, m in MEASURES.items()}
+
+
 @register_mitigation("replay", ReplayConfig)
 class Replay:
     def __init__(self, config: ReplayConfig):
@@ -81,13 +99,14 @@ class Replay:
         self.stats: dict = {}
 
     def mix_data(self, examples, model, ctx):
-        pool = replay_pool(self.config, model, ctx)
+        pool, counts = replay_pool(self.config, model, ctx)
         extra = fill_quota(pool, examples, self.config.ratio, self.config.by, random.Random(self.config.seed))
-        measure = (lambda e: 1) if self.config.by == "examples" else len
-        replayed, total = sum(map(measure, extra)), sum(map(measure, extra)) + sum(map(measure, examples))
+        mixed = list(examples) + extra
+        share = shares(extra, mixed)
         self.stats = {"ratio": self.config.ratio, "by": self.config.by, "source": self.config.source,
-                      "pool": len(pool), "replay_examples": len(extra), "realised_ratio": replayed / max(1, total)}
-        return list(examples) + extra
+                      "pool": len(pool), **counts, "replay_examples": len(extra),
+                      "realised_ratio": share[self.config.by], "share": share}
+        return mixed
 
     def report(self, model, ctx) -> dict:
         return self.stats

@@ -277,11 +277,12 @@ def test_self_rehearsal_answers_come_from_the_model(tokenizer, make_tiny, tmp_pa
     lessons = [tokenize_conversation(tokenizer, template, conversation(p, "I like learning.")) for p in prompts]
     model = memorise(make_tiny(), lessons, tokenizer.pad_token_id, steps=60)
     answers = synthesize(model, tokenizer, prompts, max_new_tokens=8)
-    assert answers == ["I like learning."] * 3
+    assert answers == [("I like learning.", True)] * 3  # (answer, the model stopped by itself)
     cache = tmp_path / "self.jsonl"
-    examples = self_rehearsal(model, tokenizer, "chatml", 3, 8, 128, cache)
+    examples, counts = self_rehearsal(model, tokenizer, "chatml", 3, 8, 128, cache)
     assert len(examples) == 3 and all(e.num_target_tokens > 0 for e in examples) and cache.is_file()
-    assert [e.input_ids for e in self_rehearsal(None, tokenizer, "chatml", 3, 8, 128, cache)] == [
+    assert counts == {"answers_finished": 3, "answers_cut": 0}
+    assert [e.input_ids for e in self_rehearsal(None, tokenizer, "chatml", 3, 8, 128, cache)[0]] == [
         e.input_ids for e in examples]  # a resumed run reads the cache instead of generating again
     with pytest.raises(UserError, match="only empty answers"):
         self_rehearsal(make_tiny(), tokenizer, "chatml", 2, 4, 128, None)  # an untrained model echoes newlines
@@ -296,9 +297,10 @@ def test_mitigations_compose(tmp_path, spec):
     spec = spec.replace("REPLAY_TXT", str(write_general_text(tmp_path)))
     result = train(job(tmp_path, f"mitigations={spec}"))
     assert result.mitigation_reports["ewc"]["final_penalty"] >= 0
-    if "lora" in spec:  # the Fisher covers exactly the adapter parameters
+    if "lora" in spec:  # the Fisher is of the adapted layers' base weights (the penalty is on delta W)
         saved = load_file(str(tmp_path / "run" / "ewc_fisher.safetensors"))
-        assert saved and all("lora_" in k for k in saved)
+        assert saved and all(k.endswith(("q_proj.base_layer.weight", "v_proj.base_layer.weight")) for k in saved)
+        assert result.mitigation_reports["ewc"]["lora_layers"] == 4
 
 
 @pytest.mark.parametrize("spec,pattern", [
