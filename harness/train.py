@@ -47,6 +47,7 @@ class TrainContext:
     accelerator: Any
     examples: tuple[Example, ...]  # the tokenized SFT data, before any mixing
     output_dir: Path
+    start_step: int = 0  # the optimizer step the loop starts at: > 0 when it resumes from a checkpoint
 
 
 @dataclass
@@ -250,7 +251,9 @@ def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mitigations = build_mitigations(job.mitigations)
-    ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), output_dir)
+    resumable = ckpt.checkpoint_dirs(output_dir)  # resume from the newest complete checkpoint, if any
+    start = resumable[-1][0] if resumable else 0
+    ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), output_dir, start_step=start)
     for mitigation in mitigations:
         if hasattr(mitigation, "wrap_model"):
             model = mitigation.wrap_model(model, ctx)
@@ -278,9 +281,8 @@ def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- resume from the newest complete checkpoint
-    start = 0
-    if resumable := ckpt.checkpoint_dirs(output_dir):
-        start, path = resumable[-1]
+    if resumable:
+        path = resumable[-1][1]
         accelerator.load_state(str(path / "state"))
         if is_main:
             print(f"resuming from {path} (step {start} of {len(steps)})", flush=True)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint as ckpt
 from harness.batching import collate
 from harness.configlib import knob
 from harness.loss import next_token_targets
@@ -68,9 +67,7 @@ class KLToBase:
                               max_seq_len=c.max_seq_len)
         self.pool, self.counts = replay_pool(source, model, ctx)
         self.base = copy.deepcopy(model).eval().requires_grad_(False)
-        # the loop resumes from the newest complete checkpoint (harness.train), and calls penalty() once a step
-        resumable = ckpt.checkpoint_dirs(ctx.output_dir)
-        self.step = resumable[-1][0] if resumable else 0
+        self.step = ctx.start_step  # the loop calls penalty() once a step, from the step it resumes at
 
     def batch_at(self, step: int) -> list:
         """The general examples of optimizer step `step` (0-based): the pool read cyclically, batch after batch."""
