@@ -9,6 +9,7 @@ such as the `lm_eval` CLI), before anything imports the IFEval checkers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -51,3 +52,11 @@ def ensure_punkt_tab() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     os.rename(staging, target)
     return root
+
+
+def punkt_tab_hash() -> str:
+    """BLAKE2 of the English punkt_tab data the IFEval checkers use (lines sorted: they are written from sets)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted((ensure_punkt_tab() / "tokenizers" / "punkt_tab" / "english").iterdir()):
+        digest.update(path.name.encode() + b"\n" + "\n".join(sorted(path.read_text().splitlines())).encode())
+    return digest.hexdigest()

@@ -3,16 +3,21 @@
     results = evaluate(model, tokenizer, EvalSettings(tasks=["forgetting_suite"]), cache_dir=...)
 
 The same code path serves a base model, a fully fine-tuned model, a base + PEFT adapter, and a saved
-checkpoint (`load_for_eval`). Each leaf task's result is cached under a key made of the weights fingerprint,
-the task's name, version, config and a hash of its documents, the evaluation settings (including the chat
-template, which carries the training format) and the lm-eval version. lm-eval's own `use_cache` is not used:
-its keys ignore the model weights.
+checkpoint (`load_for_eval`). Each leaf task's result is cached under a key made of everything that changes a
+score: the weights fingerprint (PEFT adapter configs included), the task's config, documents and files (its
+YAML, the Python beside it and the project modules that imports), the evaluation settings, the tokenizer and
+chat template, the dtype, attention implementation and device, the IFEval NLTK data and the versions of
+torch, transformers, lm-eval, peft and nltk. lm-eval's own `use_cache` is not used: its keys ignore the
+model weights.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +29,9 @@ from harness.errors import UserError
 from harness.io import atomic_write_json
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the `evals` and `harness` packages
+PROJECT_PACKAGES = ("evals", "harness")
+VERSIONED = ("torch", "transformers", "lm_eval", "peft", "nltk")  # packages whose code computes a score
 SUITE = ["forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose",
          "forgetting_format_health"]
 
@@ -56,7 +64,8 @@ class EvalSettings:
 
 
 def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> str:
-    """BLAKE2 hash of every tensor's name, dtype, shape and bytes (adapters included unless `exclude` matches)."""
+    """BLAKE2 hash of every tensor's name, dtype, shape and bytes, adapters included unless `exclude` matches;
+    with the adapters, also their PEFT configs (alpha, rank, targets, ...: alpha scales an adapter's output)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         if exclude is not None and exclude in name:
@@ -64,6 +73,32 @@ def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> s
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    if exclude is None and getattr(model, "peft_config", None):
+        digest.update(_adapter_configs(model).encode())
+    return digest.hexdigest()
+
+
+def _adapter_configs(model) -> str:
+    """The PEFT configs of a model's adapters and which are active, without where they were loaded from."""
+    configs = {}
+    for name, config in model.peft_config.items():
+        values = config.to_dict()
+        for where in ("base_model_name_or_path", "revision", "inference_mode"):
+            values.pop(where, None)
+        configs[name] = values
+    active = getattr(model, "active_adapters", None)
+    active = active() if callable(active) else active
+    return json.dumps({"configs": configs, "active": active}, sort_keys=True, default=_jsonable)
+
+
+def _jsonable(value):
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        digest.update(f"{path.name}|".encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -73,7 +108,11 @@ def task_manager(settings: EvalSettings):
     for path in settings.include_path:
         if not Path(path).is_dir():
             raise UserError(f"include_path: {path} is not a folder")
-    return TaskManager(include_path=[str(TASKS_DIR), *settings.include_path])
+    paths = [str(TASKS_DIR), *settings.include_path]
+    own = TaskManager(include_path=paths, include_defaults=False)  # indexing lm-eval's own tasks takes ~6 s
+    if all(name in own.all_tasks for name in settings.tasks):
+        return own
+    return TaskManager(include_path=paths)
 
 
 def leaf_tasks(manager, names: list[str]) -> dict[str, Any]:
@@ -102,17 +141,80 @@ def _docs_hash(task) -> str:
     return digest.hexdigest()
 
 
-def cache_key(fingerprint: str, task, settings: EvalSettings, chat_template: str | None) -> str:
-    import lm_eval
+def task_files(manager, name: str, task) -> list[Path]:
+    """The files that define a task: its YAML, the Python files beside it (its `!function` hooks) and the
+    modules of this project that those import (e.g. the target task's scorer in harness/builtin_task.py)."""
+    yaml_path = manager.task_index[name].yaml_path if name in manager.task_index else None
+    if yaml_path is None:  # a Python task class
+        import inspect
 
+        return [Path(inspect.getfile(type(task)))]
+    hooks = sorted(Path(yaml_path).parent.glob("*.py"))
+    return [Path(yaml_path), *hooks, *_project_imports(hooks)]
+
+
+def _project_imports(files: list[Path]) -> list[Path]:
+    """Source files of the `evals` / `harness` modules that `files` import directly."""
+    found = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                path = PROJECT_ROOT.joinpath(*module.split(".")).with_suffix(".py")
+                if module.split(".")[0] in PROJECT_PACKAGES and path.is_file():
+                    found.add(path)
+    return sorted(found)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """BLAKE2 of the tokenizer's vocabulary, merges, normalizer, pre/post-processing and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()  # its JSON starts with the truncation and padding transformers sets per call
+        text = text[max(text.find('"added_tokens"'), 0):]
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map,
+                        getattr(tokenizer, "clean_up_tokenization_spaces", None)], sort_keys=True, default=str)
+    return hashlib.blake2b((text + extra).encode(), digest_size=16).hexdigest()
+
+
+def eval_context(model, tokenizer, settings: EvalSettings) -> dict:
+    """What besides the weights and the task changes a score: how prompts become tokens, the numerics, the code."""
+    from evals.nltk_offline import punkt_tab_hash
+
+    parameter = next(model.parameters())
+    device = parameter.device
+    return {"tokenizer": tokenizer_hash(tokenizer),
+            "chat_template": getattr(tokenizer, "chat_template", None) if settings.apply_chat_template else None,
+            "dtype": str(getattr(model, "dtype", parameter.dtype)),
+            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "device": [device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else None],
+            "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+            "nltk_data": punkt_tab_hash()}
+
+
+def cache_key(fingerprint: str, task, settings: EvalSettings, context: dict, files: list[Path]) -> str:
     config = task.config.to_dict() if hasattr(task.config, "to_dict") else asdict(task.config)
+    config = dict(config, metadata={k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"})
     parts = {"weights": fingerprint, "task": task.config.task, "version": task.VERSION,
              "config": json.dumps(config, sort_keys=True, default=str), "docs": _docs_hash(task),
+             "files": _hash_files(files),  # by content: the same tasks in another checkout keep their key
              "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path", "subsample")},
-             "subsample": settings.subsample.get(task.config.task),
-             "chat_template": chat_template if settings.apply_chat_template else None,
-             "lm_eval": lm_eval.__version__}
+             "subsample": settings.subsample.get(task.config.task), "context": context}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+def cache_keys(model, tokenizer, settings: EvalSettings, manager, leaves: dict, fingerprint: str) -> dict[str, str]:
+    """The cache key of each leaf task's result for this model, tokenizer and settings."""
+    context = eval_context(model, tokenizer, settings)
+    return {name: cache_key(fingerprint, task, settings, context, task_files(manager, name, task))
+            for name, task in leaves.items()}
 
 
 SLICES = ("results", "configs", "versions", "n-samples", "higher_is_better", "samples")
@@ -140,13 +242,27 @@ def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
     if settings.subsample:  # lm-eval takes either a limit or explicit document indices, not both
         samples = {task.config.task: document_indices(len(task.eval_docs), settings.subsample.get(task.config.task),
                                                       settings.limit) for task in tasks}
-    output = simple_evaluate(
-        model=lm, tasks=tasks, limit=None if samples else settings.limit, samples=samples, num_fewshot=settings.num_fewshot, log_samples=True,
-        apply_chat_template=settings.apply_chat_template, system_instruction=settings.system_instruction,
-        fewshot_as_multiturn=settings.fewshot_as_multiturn, bootstrap_iters=settings.bootstrap_iters,
-        random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed)
+    with _without_environment_record():
+        output = simple_evaluate(
+            model=lm, tasks=tasks, limit=None if samples else settings.limit, samples=samples,
+            num_fewshot=settings.num_fewshot, log_samples=True, apply_chat_template=settings.apply_chat_template,
+            system_instruction=settings.system_instruction, fewshot_as_multiturn=settings.fewshot_as_multiturn,
+            bootstrap_iters=settings.bootstrap_iters, random_seed=settings.seed, numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed, fewshot_random_seed=settings.seed)
     return output
+
+
+@contextmanager
+def _without_environment_record():
+    """Skip lm-eval's git hash and environment record, which `_slice` drops anyway: its `git describe` prints
+    "fatal: not a git repository" outside a checkout, and torch's collect_env takes about a second."""
+    from unittest import mock
+
+    import lm_eval.evaluator
+
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
+            mock.patch.object(lm_eval.evaluator, "add_env_info", lambda storage: None):
+        yield
 
 
 def document_indices(total: int, subsample: int | None, limit: int | None) -> list[int]:
@@ -164,8 +280,7 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
     manager = task_manager(settings)
     leaves = leaf_tasks(manager, settings.tasks)
     fingerprint = weights_fingerprint(model)
-    keys = {name: cache_key(fingerprint, task, settings, getattr(tokenizer, "chat_template", None))
-            for name, task in leaves.items()}
+    keys = cache_keys(model, tokenizer, settings, manager, leaves, fingerprint)
     parts, missing, hits = [], [], []
     for name in leaves:
         path = cache_dir / f"{keys[name]}.json" if cache_dir else None

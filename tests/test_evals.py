@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,179 @@ def tiny_model_copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+@pytest.fixture(scope="module")
+def checkout_copy(tmp_path_factory):
+    """The offline tasks and the project modules beside them, copied as another checkout would hold them."""
+    import shutil
+
+    from evals import runner
+
+    root = tmp_path_factory.mktemp("checkout")
+    shutil.copytree(runner.TASKS_DIR, root / "evals" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in runner.PROJECT_PACKAGES:
+        for path in (runner.PROJECT_ROOT / package).glob("*.py"):
+            (root / package).mkdir(exist_ok=True)
+            shutil.copy(path, root / package / path.name)
+    return root
+
+
+@pytest.fixture
+def key_case(checkout_copy, tiny_eval_model, monkeypatch, tmp_path):
+    """(context, key): a copy of the model and tokenizer, the checkout copy and a fresh NLTK data folder to change,
+    and the cache key of one task for them (the weights fingerprint fixed, to isolate everything else)."""
+    import copy
+    from types import SimpleNamespace
+
+    import nltk
+
+    from evals import runner
+
+    monkeypatch.setattr(runner, "TASKS_DIR", checkout_copy / "evals" / "tasks")
+    monkeypatch.setattr(runner, "PROJECT_ROOT", checkout_copy)
+    monkeypatch.setenv("FORGETTING_CACHE", str(tmp_path / "cache"))  # the NLTK data is built there
+    monkeypatch.setenv("NLTK_DATA", os.environ.get("NLTK_DATA", ""))
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    originals = {path: path.read_bytes() for path in checkout_copy.rglob("*.*")}
+    model, tok = tiny_eval_model
+    fingerprint = weights_fingerprint(model)
+    context = SimpleNamespace(model=copy.deepcopy(model), tok=copy.deepcopy(tok), root=checkout_copy,
+                              monkeypatch=monkeypatch, nltk_dir=tmp_path / "cache" / "nltk_data" / "tokenizers"
+                              / "punkt_tab" / "english")
+
+    def key(task: str = "forgetting_target", **settings) -> str:
+        settings = EvalSettings(tasks=[task], **settings)
+        manager = runner.task_manager(settings)
+        leaves = runner.leaf_tasks(manager, [task])
+        return runner.cache_keys(context.model, context.tok, settings, manager, leaves, fingerprint)[task]
+
+    yield context, key
+    for path, data in originals.items():
+        path.write_bytes(data)
+
+
+def _edit(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new))
+
+
+def _version(name: str, value: str):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    return lambda c: c.monkeypatch.setattr(importlib.metadata, "version", lambda n: value if n == name else real(n))
+
+
+# (task, settings, change): each change must give another cache key
+KEY_CHANGES = {
+    "task yaml": ("forgetting_target", {},
+                  lambda c: _edit(c.root / "evals/tasks/forgetting_target.yaml", "max_gen_toks: 48", "max_gen_toks: 48 # x")),
+    "leak markers": ("forgetting_format_health", {},
+                     lambda c: _edit(c.root / "evals/tasks/utils.py", '"[/INST]")', '"[/INST]", "<<SYS>>")')),
+    "target scorer": ("forgetting_target", {},
+                      lambda c: _edit(c.root / "harness/builtin_task.py", "def score(", "def score(  ")),
+    "chat template": ("forgetting_target", {}, lambda c: setattr(c.tok, "chat_template", c.tok.chat_template + " ")),
+    "tokenizer, no chat template": ("forgetting_target", {"apply_chat_template": False},
+                                    lambda c: c.tok.add_tokens(["<extra_token>"])),
+    "nltk data": ("forgetting_ifeval", {}, lambda c: (c.nltk_dir / "abbrev_types.txt").open("a").write("xyz\n")),
+    "dtype": ("forgetting_target", {}, lambda c: c.model.to(torch.bfloat16)),
+    "attention": ("forgetting_target", {}, lambda c: setattr(c.model.config, "_attn_implementation", "eager")),
+    "device": ("forgetting_target", {}, lambda c: c.model.to("meta")),
+    "torch version": ("forgetting_target", {}, _version("torch", "0.0.1")),
+    "transformers version": ("forgetting_target", {}, _version("transformers", "0.0.1")),
+    "lm-eval version": ("forgetting_target", {}, _version("lm_eval", "0.0.1")),
+}
+
+
+@pytest.mark.parametrize("case", KEY_CHANGES)
+def test_what_changes_a_score_changes_the_cache_key(key_case, case):
+    context, key = key_case
+    task, settings, change = KEY_CHANGES[case]
+    before = key(task, **settings)
+    change(context)
+    assert key(task, **settings) != before
+
+
+def test_the_same_things_keep_the_cache_key(key_case, tiny_eval_model, tmp_path):
+    import copy
+
+    from evals import runner
+
+    context, key = key_case
+    model, tok = tiny_eval_model
+    before = key()
+    context.model, context.tok = copy.deepcopy(model), copy.deepcopy(tok)  # reloaded: new objects, same content
+    context.tok("some text", truncation=True, max_length=4, padding="max_length")  # leaves state on the backend
+    assert key() == before
+    real = Path(runner.__file__).resolve().parent
+    context.monkeypatch.setattr(runner, "TASKS_DIR", real / "tasks")  # the same files in another checkout
+    context.monkeypatch.setattr(runner, "PROJECT_ROOT", real.parent)
+    context.monkeypatch.setenv("FORGETTING_CACHE", str(tmp_path / "other_cache"))  # the NLTK data built again
+    assert key() == before
+    unapplied = key(apply_chat_template=False)
+    context.tok.chat_template += " "
+    assert key(apply_chat_template=False) == unapplied  # a template that is not applied does not count
+
+
+def test_the_adapter_config_is_part_of_the_fingerprint(tiny_eval_model):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_eval_model
+
+    def adapted(**config):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **config))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.fill_(0.01)  # the same adapter weights
+        return peft_model
+
+    alpha16 = weights_fingerprint(adapted(lora_alpha=16))
+    assert weights_fingerprint(adapted(lora_alpha=16)) == alpha16
+    assert weights_fingerprint(adapted(lora_alpha=64)) != alpha16
+    assert weights_fingerprint(adapted(lora_alpha=16, use_rslora=True)) != alpha16
+    # without the adapters (self-rehearsal's key of the base model) the config does not count either
+    assert (weights_fingerprint(adapted(lora_alpha=16), exclude="lora_")
+            == weights_fingerprint(adapted(lora_alpha=64), exclude="lora_"))
+
+
+def test_the_offline_suite_needs_no_index_of_lm_evals_tasks_and_keeps_its_keys(tiny_eval_model):
+    from lm_eval.tasks import TaskManager
+
+    from evals import runner
+
+    model, tok = tiny_eval_model
+    settings = EvalSettings(tasks=["forgetting_target"])
+    own = runner.task_manager(settings)
+    assert "hellaswag" not in own.all_tasks  # indexing lm-eval's own tasks takes seconds
+    full = TaskManager(include_path=[str(runner.TASKS_DIR)])
+    keys = [runner.cache_keys(model, tok, settings, manager, runner.leaf_tasks(manager, settings.tasks), "w")
+            for manager in (own, full)]
+    assert keys[0] == keys[1]
+
+
+NO_GIT_SCRIPT = """
+from harness.config import ModelConfig
+from harness.formats import attach_format
+from harness.models import load_tokenizer, tiny_model
+from evals.runner import EvalSettings, evaluate
+tok = load_tokenizer(ModelConfig())
+attach_format(tok, "chatml")
+evaluate(tiny_model(len(tok), seed=1).eval(), tok, EvalSettings(tasks=["forgetting_knowledge"], limit=1, batch_size=1))
+print("evaluated")
+"""
+
+
+def test_evaluating_outside_a_git_checkout_prints_no_git_error(tmp_path):
+    from evals.runner import PROJECT_ROOT
+
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", NO_GIT_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "evaluated" in result.stdout, result.stderr[-3000:]
+    assert "fatal:" not in result.stdout + result.stderr
