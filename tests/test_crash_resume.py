@@ -40,9 +40,9 @@ def _reference_run_and_crash_config(tmp_path):
 def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
     crashed = _reference_run_and_crash_config(tmp_path)
     command = [sys.executable, "-m", "harness", "run", str(crashed)]
-    # past the imports; each rerun resumes and gets further before it is killed. The delay grows geometrically so
+    # from within the imports on; each rerun resumes and gets further before it is killed. The delay grows geometrically so
     # that a slow CPU costs a few more kills, not a quadratic number of them.
-    kills, delay = 0, 6.0
+    kills, delay = 0, 2.0
     while True:
         process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -51,7 +51,7 @@ def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
-            delay *= 1.4
+            delay *= 1.25
             continue
         assert process.returncode == 0, process.stderr.read()[-2000:]
         break
