@@ -95,15 +95,16 @@ def make_optimizer(groups: list[dict], t, device: torch.device) -> torch.optim.O
 
 
 def make_accelerator(job: TrainJob):
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
 
     precision, why = resolve_precision(job.train.precision)
-    if PartialState().is_main_process:
-        print(f"precision: {precision} ({why})", flush=True)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
         hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
+    if accelerator.is_main_process:
+        print(f"precision: {precision} ({why})", flush=True)
+    return accelerator
 
 
 def compile_model(model: torch.nn.Module, device: torch.device) -> None:

@@ -280,7 +280,7 @@ def test_gate_fails_the_embedded_model_after_an_aggressive_fine_tune(tmp_path, c
     capsys.readouterr()
     junit = tmp_path / "gate.xml"
     code = main(["gate", str(tmp_path / "tuned" / "final"), "--baseline", str(base), "--max-drop",
-                 "forgetting_knowledge=0.05", "--min-gain", "forgetting_target=0.5", "--junit", str(junit)])
+                 "forgetting_knowledge=0.02", "--min-gain", "forgetting_target=0.5", "--junit", str(junit)])
     out = capsys.readouterr().out
     assert code == 1, out
     assert "failed: forgetting_knowledge/acc" in out
