@@ -82,7 +82,8 @@ def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bo
     from harness import last_layer, packing
     from harness.batching import target_tokens
     from harness.config import TrainConfig
-    from harness.train import accumulate_gradients, make_optimizer
+    from harness.optim import make_optimizer
+    from harness.train import accumulate_gradients
 
     if packed:
         packing.enable(model)  # the benchmark's own copy stays packed

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.configlib import knob
+from harness.optim import default_param_groups
 from mitigations import register_mitigation
 
 
@@ -27,8 +28,6 @@ class LowLR:
         self.config = config
 
     def param_groups(self, model, ctx) -> list[dict]:
-        from harness.train import default_param_groups
-
         return [dict(group, lr=self.config.lr) for group in default_param_groups(model, ctx.job.train.weight_decay)]
 
     def report(self, model, ctx) -> dict:

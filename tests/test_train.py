@@ -13,7 +13,8 @@ from harness import train as train_module
 from harness.config import load_job
 from harness.configlib import knob
 from harness.errors import RunError, UserError
-from harness.train import lr_factor, train
+from harness.optim import lr_factor
+from harness.train import train
 from mitigations import REGISTRY, register_mitigation
 
 
