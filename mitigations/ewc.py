@@ -138,6 +138,8 @@ class EWC:
         self.anchor: list[torch.Tensor] = []
         self.fisher: list[torch.Tensor] = []
         self.weighted_anchor: list[torch.Tensor] = []  # F * theta* of the plain parameters, formed on first use
+        self.params: list[torch.nn.Parameter] = []  # what `penalised` found in prepare (the same objects after
+        self.layers: list[torch.nn.Module] = []     # DDP wrapping or compiling), so no step walks the modules
         self.used_samples = 0
         self.answer_counts: dict = {}  # self data: answers that finished / were cut at max_new_tokens
 
@@ -179,6 +181,7 @@ class EWC:
 
         c = self.config
         plain, layers = penalised(model)
+        self.params, self.layers = [p for _, p in plain], [m for _, m in layers]
         self.names = [n for n, _ in plain] + [n for n, _ in layers]
         weights = [p for _, p in plain] + [m.base_layer.weight for _, m in layers]
         # theta*: a copy of each trained parameter; a LoRA layer's base weight itself (frozen, so it stays W)
@@ -222,11 +225,10 @@ class EWC:
 
     def value(self, model) -> torch.Tensor:
         """The penalty (strength / 2) * sum F (theta - theta*)^2 (for reports and tests; not formed per step)."""
-        plain, layers = penalised(model)
-        k = len(plain)
-        terms = [(f * (p - a).pow(2)).sum() for (_, p), a, f in zip(plain, self.anchor, self.fisher)]
+        k = len(self.params)
+        terms = [(f * (p - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher)]
         terms += [(f * self._lora_diff(m, a).pow(2)).sum()
-                  for (_, m), a, f in zip(layers, self.anchor[k:], self.fisher[k:])]
+                  for m, a, f in zip(self.layers, self.anchor[k:], self.fisher[k:])]
         return 0.5 * self.config.strength * torch.stack(terms).sum()
 
     @torch.no_grad()
@@ -236,8 +238,7 @@ class EWC:
         Plain parameters: strength * (F * theta - F * theta*), two fused passes. LoRA layers: with
         G = strength * F * delta W (in B @ A's layout), dB = scale * G @ A^T and dA = scale * B^T @ G.
         """
-        plain, layers = penalised(model)
-        params, k, lam = [p for _, p in plain], len(plain), self.config.strength
+        params, k, lam = self.params, len(self.params), self.config.strength
         if len(self.weighted_anchor) != k:
             self.weighted_anchor = torch._foreach_mul(self.anchor[:k], self.fisher[:k])
         live = [i for i, p in enumerate(params) if p.grad is not None]
@@ -245,7 +246,7 @@ class EWC:
         if live:
             torch._foreach_addcmul_(grads, [self.fisher[i] for i in live], [params[i] for i in live], value=lam)
             torch._foreach_add_(grads, [self.weighted_anchor[i] for i in live], alpha=-lam)
-        for (_, layer), anchor, fisher in zip(layers, self.anchor[k:], self.fisher[k:]):
+        for layer, anchor, fisher in zip(self.layers, self.anchor[k:], self.fisher[k:]):
             g = lam * fisher * self._lora_diff(layer, anchor)
             g = g.T if layer.fan_in_fan_out else g
             for a in layer.active_adapters:
@@ -260,5 +261,5 @@ class EWC:
         return {"strength": self.config.strength, "estimator": self.config.estimator,
                 "samples": self.used_samples, "data": self.config.data, "normalize": self.config.normalize,
                 "online_decay": self.config.online_decay, **self.answer_counts,
-                "lora_layers": len(penalised(model)[1]), "fisher_mean": float(flat.mean()),
+                "lora_layers": len(self.layers), "fisher_mean": float(flat.mean()),
                 "fisher_max": float(flat.max()), "final_penalty": final}
