@@ -134,13 +134,13 @@ def sign_flip_pvalue(diffs: np.ndarray, weights: np.ndarray, allowance: float = 
     magnitudes, counts = np.unique(np.abs(terms), return_counts=True)
     if np.prod(counts + 1.0) <= max_exact:
         # all 2^n patterns, grouped by how many of each tied magnitude are negative (binomial counts)
-        from scipy.stats import binom
-
         sums, probs = np.zeros(1), np.ones(1)
         for magnitude, count in zip(magnitudes, counts):
             negative = np.arange(count + 1)
+            pmf = np.exp([math.lgamma(count + 1) - math.lgamma(k + 1) - math.lgamma(count - k + 1) - count * math.log(2)
+                          for k in negative])  # Binomial(count, 1/2), in logs: thousands of ties stay finite
             sums = np.add.outer(sums, magnitude * (count - 2 * negative)).ravel()
-            probs = np.multiply.outer(probs, binom.pmf(negative, count, 0.5)).ravel()
+            probs = np.multiply.outer(probs, pmf).ravel()
         return min(1.0, float(probs[sums >= observed - tol].sum())), "exact"
     rng = np.random.default_rng(seed)
     hits = 0

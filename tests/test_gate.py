@@ -320,3 +320,17 @@ def test_gate_help_lists_every_exit_code(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for code in ("0: pass", "1: regression", "2: usage", "3: runtime failure"):
         assert code in text
+
+
+def test_exact_pvalue_over_thousands_of_tied_documents_is_the_binomial_tail():
+    """0/1 scores over 3000 documents: one magnitude, 3000 ties; the exact p is a sign test's binomial tail."""
+    from fractions import Fraction
+    from math import comb
+
+    from evals.gate import sign_flip_pvalue
+
+    diffs = np.zeros(3000)
+    diffs[:1600], diffs[1600:] = 1.0, -1.0
+    p, method = sign_flip_pvalue(diffs, np.ones(3000))
+    tail = Fraction(sum(comb(3000, k) for k in range(1600, 3001)), 2 ** 3000)
+    assert method == "exact" and p == pytest.approx(float(tail), rel=1e-9)
