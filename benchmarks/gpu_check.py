@@ -31,7 +31,8 @@ VARIANTS = {  # name -> overrides of the training job
 
 
 def train_variant(name: str, overrides: dict, args, output: Path) -> dict:
-    from harness.config import DataConfig, ModelConfig, TrainConfig, TrainJob
+    from harness.config import DataConfig, ModelConfig, TrainConfig
+    from harness.job import TrainJob
     from harness.train import train
 
     train_config = TrainConfig(lr=2e-5, max_steps=args.steps, batch_size=args.batch_size,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+from evals.nltk_offline import ensure_punkt_tab
+
 TOPICS = ["your favourite season", "a walk in the park", "why people keep pets", "the ocean", "a rainy day",
           "learning to cook", "a visit to a museum", "the benefits of reading", "a city at night", "trees",
           "a birthday party", "riding a bicycle", "the moon", "a small village", "breakfast", "friendship",
@@ -45,9 +47,9 @@ SIZE = 200
 
 
 def _describe(instruction_id: str, kwargs: dict) -> str:
-    from evals.nltk_offline import ensure_punkt_tab
-
     ensure_punkt_tab()
+    # deferred on purpose: importing lm-eval's IFEval checkers downloads NLTK's punkt_tab unless it is present,
+    # and this machine builds it offline first (ensure_punkt_tab)
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
 
     checker = INSTRUCTION_DICT[instruction_id](instruction_id)

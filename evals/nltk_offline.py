@@ -14,6 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
+import nltk
+from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
+
+from evals.prose import PARAGRAPHS
+from harness.io import cache_root
+
 ABBREVIATIONS = ["mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "u.s", "u.k",
                  "inc", "ltd", "co", "corp", "no", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
                  "oct", "nov", "dec", "fig", "approx", "dept", "est", "min", "max", "a.m", "p.m"]
@@ -21,16 +27,11 @@ FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_con
 
 
 def nltk_data_dir() -> Path:
-    from harness.models import cache_root
-
     return cache_root() / "nltk_data"
 
 
 def ensure_punkt_tab() -> Path:
     """Build (once) and register the English punkt_tab data; return the NLTK data directory."""
-    import nltk
-    from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
-
     root = nltk_data_dir()
     target = root / "tokenizers" / "punkt_tab" / "english"
     if str(root) not in nltk.data.path:
@@ -38,8 +39,6 @@ def ensure_punkt_tab() -> Path:
     os.environ["NLTK_DATA"] = os.pathsep.join(dict.fromkeys([str(root), *filter(None, os.environ.get("NLTK_DATA", "").split(os.pathsep))]))
     if all((target / name).is_file() for name in FILES):
         return root
-    from evals.prose import PARAGRAPHS
-
     trainer = PunktTrainer()
     trainer.INCLUDE_ALL_COLLOCS = True
     trainer.train("\n\n".join(PARAGRAPHS), finalize=True)

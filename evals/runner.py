@@ -16,17 +16,30 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
+from unittest import mock
 
+import lm_eval
+import lm_eval.evaluator
 import torch
+import yaml
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from peft import PeftModel
+from transformers import AutoTokenizer
 
+from evals.nltk_offline import ensure_punkt_tab, punkt_tab_hash
+from harness.config import ModelConfig
 from harness.configlib import knob
 from harness.errors import UserError
 from harness.io import atomic_write_json
+from harness.models import load_model, load_tokenizer, weights_fingerprint
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the `evals` and `harness` packages
@@ -63,38 +76,6 @@ class EvalSettings:
             raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
 
 
-def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> str:
-    """BLAKE2 hash of every tensor's name, dtype, shape and bytes, adapters included unless `exclude` matches;
-    with the adapters, also their PEFT configs (alpha, rank, targets, ...: alpha scales an adapter's output)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        if exclude is not None and exclude in name:
-            continue
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    if exclude is None and getattr(model, "peft_config", None):
-        digest.update(_adapter_configs(model).encode())
-    return digest.hexdigest()
-
-
-def _adapter_configs(model) -> str:
-    """The PEFT configs of a model's adapters and which are active, without where they were loaded from."""
-    configs = {}
-    for name, config in model.peft_config.items():
-        values = config.to_dict()
-        for where in ("base_model_name_or_path", "revision", "inference_mode"):
-            values.pop(where, None)
-        configs[name] = values
-    active = getattr(model, "active_adapters", None)
-    active = active() if callable(active) else active
-    return json.dumps({"configs": configs, "active": active}, sort_keys=True, default=_jsonable)
-
-
-def _jsonable(value):
-    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
-
-
 def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for path in paths:
@@ -103,8 +84,6 @@ def _hash_files(paths: list[Path]) -> str:
 
 
 def task_manager(settings: EvalSettings):
-    from lm_eval.tasks import TaskManager
-
     for path in settings.include_path:
         if not Path(path).is_dir():
             raise UserError(f"include_path: {path} is not a folder")
@@ -146,8 +125,6 @@ def task_files(manager, name: str, task) -> list[Path]:
     modules of this project that those import (e.g. the target task's scorer in harness/builtin_task.py)."""
     yaml_path = manager.task_index[name].yaml_path if name in manager.task_index else None
     if yaml_path is None:  # a Python task class
-        import inspect
-
         return [Path(inspect.getfile(type(task)))]
     hooks = sorted(Path(yaml_path).parent.glob("*.py"))
     return [Path(yaml_path), *hooks, *_project_imports(hooks)]
@@ -186,8 +163,6 @@ def tokenizer_hash(tokenizer) -> str:
 
 def eval_context(model, tokenizer, settings: EvalSettings) -> dict:
     """What besides the weights and the task changes a score: how prompts become tokens, the numerics, the code."""
-    from evals.nltk_offline import punkt_tab_hash
-
     parameter = next(model.parameters())
     device = parameter.device
     return {"tokenizer": tokenizer_hash(tokenizer),
@@ -234,9 +209,6 @@ def _merge(parts: list[dict]) -> dict:
 
 def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
     """lm-eval's simple_evaluate on an in-memory model for the given Task objects."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
     samples = None
     if settings.subsample:  # lm-eval takes either a limit or explicit document indices, not both
@@ -256,10 +228,6 @@ def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
 def _without_environment_record():
     """Skip lm-eval's git hash and environment record, which `_slice` drops anyway: its `git describe` prints
     "fatal: not a git repository" outside a checkout, and torch's collect_env takes about a second."""
-    from unittest import mock
-
-    import lm_eval.evaluator
-
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
             mock.patch.object(lm_eval.evaluator, "add_env_info", lambda storage: None):
         yield
@@ -274,8 +242,6 @@ def document_indices(total: int, subsample: int | None, limit: int | None) -> li
 
 def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = None) -> dict:
     """Results of every requested task (lm-eval's layout) plus `forgetting` metadata; cached per task."""
-    from evals.nltk_offline import ensure_punkt_tab
-
     ensure_punkt_tab()  # before lm-eval imports its ifeval checkers
     manager = task_manager(settings)
     leaves = leaf_tasks(manager, settings.tasks)
@@ -324,16 +290,11 @@ def by_category(results: dict) -> dict:
 
 
 def _lm_eval_version() -> str:
-    import lm_eval
-
     return lm_eval.__version__
 
 
 def load_for_eval(source: str, adapter: str | None = None, model_config=None):
     """(model, tokenizer) for a checkpoint directory, hub id, GGUF or embedded name, optionally + a PEFT adapter."""
-    from harness.config import ModelConfig
-    from harness.models import load_model, load_tokenizer
-
     folder = Path(source)
     if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         source, adapter = adapter_base(folder), source  # a LoRA checkpoint: evaluate it on its own base
@@ -341,8 +302,6 @@ def load_for_eval(source: str, adapter: str | None = None, model_config=None):
     tokenizer = load_tokenizer(config)
     model = load_model(config, for_training=False)
     if adapter is not None:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {adapter} has no adapter_config.json (not a PEFT adapter directory)")
         try:
@@ -350,8 +309,6 @@ def load_for_eval(source: str, adapter: str | None = None, model_config=None):
         except (RuntimeError, ValueError) as err:
             raise UserError(f"--adapter: {adapter} does not fit {source}: {str(err).splitlines()[0]}") from None
         if (Path(adapter) / "tokenizer_config.json").is_file():  # trained here: carries the training format
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(adapter)
     model.to(eval_device())  # lm-eval runs a model object where it lies
     model.eval()
@@ -365,8 +322,6 @@ def eval_device() -> torch.device:
 
 def adapter_base(folder: Path) -> str:
     """The base model of a PEFT adapter directory: from its saved training config, else from adapter_config.json."""
-    import yaml
-
     config_file = folder / "forgetting_config.yaml"
     if config_file.is_file():
         return yaml.safe_load(config_file.read_text())["model"]["name_or_path"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 import re
 
+from harness.errors import UserError
+
 FIRST = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Noah", "Elena", "Kwame",
          "Sofia", "Liam", "Mei", "Jonas", "Amara", "Diego", "Hannah", "Ravi", "Chloe", "Mateo", "Ingrid", "Yusuf",
          "Grace", "Pavel", "Zara", "Felix", "Nadia", "Hugo", "Leila", "Oscar", "Anya", "Samuel", "Rosa", "Kenji"]
@@ -67,8 +69,6 @@ def make_record(rng: random.Random, split: str) -> dict:
 def records(split: str = "train", size: int | None = None) -> list[dict]:
     """The split's prompt/response records, the same on every call."""
     if split not in SIZES:
-        from harness.errors import UserError
-
         raise UserError(f"data.split: the builtin task has splits {', '.join(SIZES)}, not {split!r}")
     rng = random.Random(f"builtin-extraction-{split}")
     return [make_record(rng, split) for _ in range(size or SIZES[split])]

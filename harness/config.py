@@ -1,19 +1,17 @@
-"""The training job's configuration: model, data, optimisation, mitigations and output.
+"""The training job's sections: model, data and optimisation (the whole job is `harness.job.TrainJob`).
 
 Defaults follow the seed recipe for SFT (LR 2e-5, warmup 3%, cosine decay, 128 sequences per optimizer
-step). `configs/demo.yaml` shrinks the budget for a CPU. Load with `load_job(path, overrides)`; the resolved
-config is saved beside every checkpoint (`forgetting_config.yaml`).
+step). `configs/demo.yaml` shrinks the budget for a CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
 
-from harness.configlib import knob, load_config
+from harness.configlib import knob
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-FORMATS = ("chatml", "alpaca", "plain", "chat_template")
 
 
 @dataclass
@@ -58,8 +56,6 @@ class DataConfig:
         """The config of the held-out split, or None when none is configured."""
         if self.eval_split is None:
             return None
-        from dataclasses import replace
-
         return replace(self, path=self.eval_path or self.path, split=self.eval_split, limit=self.eval_limit,
                        eval_split=None)
 
@@ -118,22 +114,3 @@ class TrainConfig:
                              "every step and would recompile); use packing=padded or compile=false")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.save_every and train.keep_checkpoints: must be >= 0")
-
-
-@dataclass
-class TrainJob:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model"})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the SFT data"})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
-    mitigations: list[dict[str, Any]] = knob([], "mitigations to apply, e.g. [{name: lora, r: 16}]")
-    output_dir: str = knob("runs/train", "where checkpoints, metrics.jsonl and the resolved config go")
-
-    def __post_init__(self):
-        from mitigations import validate_specs
-
-        validate_specs(self.mitigations)
-
-
-def load_job(path: str | None, overrides: list[str] = ()) -> TrainJob:
-    """The training job from a YAML file plus `key=value` overrides, validated."""
-    return load_config(TrainJob, path, overrides)

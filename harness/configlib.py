@@ -229,3 +229,20 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         rows.append((name, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def first_difference(old, new, path: str = "") -> str:
+    """`path: old in the run, new now` for the first place two resolved configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                return first_difference(a, b, f"{path}[{i}]")
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) < 60 else text[:57] + "..."
+
+    return f"{path}: {short(old)} in the run, {short(new)} now"

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import datasets
+import pandas as pd
+
+from harness import builtin_task
 from harness.config import DataConfig
 from harness.errors import UserError
 from harness.formats import Example, template_for, tokenize_conversation, truncate
@@ -66,8 +70,6 @@ def read_json(path: Path) -> Iterator[tuple[dict, str]]:
 
 
 def _read_table(path: Path, kind: str) -> Iterator[tuple[dict, str]]:
-    import pandas as pd
-
     try:
         if kind == "csv":
             list(_read_text_lines(path))  # undecodable bytes -> file:line error
@@ -97,8 +99,6 @@ def _plain(value):
 
 
 def _read_hub(config: DataConfig) -> Iterator[tuple[dict, str]]:
-    import datasets
-
     try:
         dataset = datasets.load_dataset(config.path, split=config.split)
     except Exception as err:  # offline, missing, no such split
@@ -111,8 +111,6 @@ def _read_hub(config: DataConfig) -> Iterator[tuple[dict, str]]:
 def read_rows(config: DataConfig) -> Iterator[tuple[dict, str]]:
     """(record, location) pairs from the configured source."""
     if config.path == "builtin":
-        from harness import builtin_task
-
         for index, row in enumerate(builtin_task.records(config.split)):
             yield row, f"builtin[{config.split}] record {index + 1}"
         return

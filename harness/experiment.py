@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from evals.runner import EvalSettings
-from harness.config import DataConfig, ModelConfig, TrainConfig, TrainJob
+from harness.config import DataConfig, ModelConfig, TrainConfig
+from harness.job import TrainJob
 from harness.configlib import from_dict, knob, load_config, set_key, to_dict
 from harness.errors import UserError
 

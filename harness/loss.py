@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from harness.batching import collate, micro_batches, target_tokens
 from harness.formats import IGNORE_INDEX
 
 
@@ -36,8 +37,6 @@ def summed_response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor])
 @torch.no_grad()
 def mean_response_loss(model: torch.nn.Module, examples: list, pad_id: int, micro_batch_tokens: int = 4096) -> float:
     """Mean CE per response token over `examples` (e.g. a held-out split), in length-sorted batches."""
-    from harness.batching import collate, micro_batches, target_tokens
-
     device = next(model.parameters()).device
     total = torch.zeros((), device=device, dtype=torch.float64)
     lengths = [len(e) for e in examples]

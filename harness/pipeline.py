@@ -9,7 +9,7 @@ Layout of the run directory (`experiment.output_dir`):
     units/<id>/train/      the unit's training output_dir: metrics.jsonl, checkpoints, final/ (model or adapter)
     units/<id>/eval.json   lm-eval results of the unit's final model (eval_<variant>.json for WiSE-FT points)
     units/<id>/log.txt     everything the unit printed
-    results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.write_reports`
+    results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.writer.write_reports`
 A rerun resumes: finished units are skipped, an interrupted unit continues from its last checkpoint,
 evaluations already done are read back from the result cache.
 """
@@ -25,64 +25,36 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
+from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
 from harness.configlib import to_dict
+from harness.data import load_conversations
 from harness.errors import RunError, UserError
 from harness.experiment import Experiment, Unit, units
-from harness.io import atomic_write_json, atomic_write_yaml
+from harness.io import atomic_write_json, cache_root, claim_run_dir
+from harness.job import comparable
 from harness.precision import resolve_eval_dtype, resolve_precision
 from harness.progress import ExperimentProgress, Plan
+from harness.train import train
 from mitigations.wise_ft import WiseFTConfig
+from reports.writer import write_reports
 
 EXPERIMENT_FILE = "experiment.yaml"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval", "pandas", "numpy")
 
 
-def _first_difference(old, new, path: str = "") -> str:
-    """`path: old in the run, new now` for the first place two resolved configs differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            if a != b:
-                return _first_difference(a, b, f"{path}[{i}]")
-    def short(value) -> str:
-        text = repr(value)
-        return text if len(text) < 60 else text[:57] + "..."
-
-    return f"{path}: {short(old)} in the run, {short(new)} now"
-
-
 def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
     """Create the run directory or check it holds this same experiment; True when resuming."""
-    import yaml
-
-    from harness.train import comparable
-
-    resolved = comparable(to_dict(exp), Experiment)
-    saved = run_dir / EXPERIMENT_FILE
-    if saved.is_file():
-        old = comparable(yaml.safe_load(saved.read_text()), Experiment)
-        if old != resolved:
-            raise UserError(f"{run_dir}: holds a different experiment ({_first_difference(old, resolved)}); "
-                            f"rerun with the same config to resume, or choose another output_dir")
-        return True
-    resolved = to_dict(exp)
-    if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise UserError(f"{run_dir}: exists and is not a run directory of this tool; choose another output_dir")
-    atomic_write_yaml(saved, resolved)
-    return False
+    return claim_run_dir(run_dir, EXPERIMENT_FILE, to_dict(exp), lambda config: comparable(config, Experiment),
+                         what="experiment")
 
 
 def environment(exp: Experiment | None = None) -> dict:
     """What produced the results: interpreter, package versions, device, precisions chosen, git commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
     versions = {}
     for name in PACKAGES:
         try:
@@ -130,8 +102,6 @@ def check_same_data(saved: dict, now: dict) -> None:
 
 def data_hashes(unit_list: list[Unit]) -> dict:
     """BLAKE2 of each distinct dataset the units train or are held out on; loading them validates the files."""
-    from harness.data import load_conversations
-
     out = {}
     for unit in unit_list:
         for role, config in (("train", unit.job.data), ("heldout", unit.job.data.heldout())):
@@ -202,9 +172,6 @@ def tee_output(path: Path):
 
 def evaluate_model(exp: Experiment, source: Path | str, manifest: Manifest, label: str, adapter: bool = False) -> dict:
     """lm-eval results of a base model, a checkpoint directory or a LoRA adapter directory (cached)."""
-    from evals.runner import evaluate, load_for_eval
-    from harness.models import cache_root
-
     base = replace(exp.model, dtype=exp.eval_dtype)
     if adapter:
         model, tokenizer = load_for_eval(base.name_or_path, adapter=str(source), model_config=base)
@@ -224,8 +191,6 @@ def _wise_ft_points(final_dir: Path) -> list[Path]:
 def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest,
              progress: ExperimentProgress | None = None, label: str = "") -> dict:
     """Train (or resume) one unit, evaluate its final model and any WiSE-FT points; return its record."""
-    from harness.train import train
-
     unit_dir = run_dir / "units" / unit.id
     started = time.perf_counter()
     if progress is not None:
@@ -256,8 +221,6 @@ def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest,
 
 def run_experiment(exp: Experiment) -> Path:
     """The whole experiment, resumable; returns the run directory."""
-    from reports import write_reports
-
     run_dir = Path(exp.output_dir)
     unit_list = units(exp)
     hashes = _preflight(exp, unit_list)
@@ -310,8 +273,6 @@ def work_plan(unit_list: list[Unit]) -> Plan:
 
 def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
     """Checks that need more than the config file, done before anything is written or trained; the data hashes."""
-    from evals.runner import leaf_tasks, task_manager
-
     leaves = leaf_tasks(task_manager(exp.eval), exp.eval.tasks)
     for task in exp.eval.subsample:
         if task not in leaves:

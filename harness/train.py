@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,16 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
 from harness import last_layer, packing
 from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
-from harness.config import TrainJob
-from harness.configlib import from_dict, to_dict
+from harness.configlib import to_dict
 from harness.data import DataStats, load_conversations, tokenize_all
-from harness.errors import HarnessError, RunError, UserError
+from harness.errors import RunError, UserError
 from harness.formats import Example, attach_format
-from harness.io import atomic_write_text, atomic_write_yaml
+from harness.io import atomic_write_text, atomic_write_yaml, claim_run_dir
+from harness.job import TrainJob, comparable
 from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
@@ -64,8 +69,6 @@ class TrainResult:
 
 
 def make_accelerator(job: TrainJob):
-    from accelerate import Accelerator
-
     precision, why = resolve_precision(job.train.precision)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
@@ -82,8 +85,6 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> None:
     Shapes vary with each micro-batch's width; torch marks the varying sizes dynamic after the first
     recompile, so a run compiles about twice. On a CPU inductor builds C++ kernels: a compiler must exist.
     """
-    import shutil
-
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         raise UserError("train.compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; "
                         "install one or set train.compile=false")
@@ -137,32 +138,11 @@ def accumulate_gradients(model, accelerator, examples: list[Example], micro_batc
     return step_loss, padded, real
 
 
-def comparable(config: dict, cls: type = TrainJob) -> dict:
-    """`config` as `cls` resolves it today, without the knobs that do not change results (the progress bar).
-
-    Resolving first gives knobs added since a run was saved their defaults, so an older run still resumes; a
-    saved config that no longer resolves (a removed knob) is compared as saved, and so differs.
-    """
-    try:
-        config = to_dict(from_dict(cls, config))
-    except (HarnessError, ValueError, TypeError):
-        pass
-    return dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
-
-
-def check_output_dir(job: TrainJob, output_dir: Path) -> bool:
-    """Refuse to mix runs (read-only); return True when `output_dir` already holds the finished run."""
-    config_path = output_dir / ckpt.CONFIG_NAME
-    if config_path.is_file():
-        import yaml
-
-        if comparable(yaml.safe_load(config_path.read_text())) != comparable(to_dict(job)):
-            raise UserError(f"{output_dir}: holds a run with a different config; resume with the same config "
-                            f"or choose another output_dir")
-        return (output_dir / "final" / "trainer_state.json").is_file()
-    if output_dir.exists() and any(not p.name.startswith(".") for p in output_dir.iterdir()):
-        raise UserError(f"{output_dir}: exists and is not a run directory of this tool; choose another output_dir")
-    return False
+def finished_run(job: TrainJob, output_dir: Path) -> bool:
+    """Claim `output_dir` for `job` (read-only: refuses another run's directory); True when it holds the
+    finished run."""
+    existing = claim_run_dir(output_dir, ckpt.CONFIG_NAME, to_dict(job), comparable, write=False)
+    return existing and (output_dir / "final" / "trainer_state.json").is_file()
 
 
 def train(job: TrainJob, accelerator=None, on_step=None) -> TrainResult:
@@ -176,8 +156,6 @@ def train(job: TrainJob, accelerator=None, on_step=None) -> TrainResult:
     """
     if accelerator is not None:
         return _train(job, accelerator, on_step)
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
         return _train(job, make_accelerator(job), on_step)
@@ -186,13 +164,11 @@ def train(job: TrainJob, accelerator=None, on_step=None) -> TrainResult:
 
 
 def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
-    from accelerate.utils import set_seed
-
     if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     output_dir = Path(job.output_dir)
     is_main = accelerator.is_main_process
-    if check_output_dir(job, output_dir):
+    if finished_run(job, output_dir):
         if is_main:
             print(f"{output_dir} already holds the finished run; nothing to train", flush=True)
         summary = json.loads((output_dir / "final" / "trainer_state.json").read_text())
@@ -383,7 +359,5 @@ def _tensorboard(output_dir: Path):
 
 
 def _progress_bar(job: TrainJob, is_main: bool, start: int, total: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, disable=not (is_main and job.train.progress), desc="train",
                 unit="step", dynamic_ncols=True)

@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from harness.batching import collate
 from harness.configlib import knob
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX
 from harness.loss import next_token_targets, summed_response_loss
-from mitigations import register_mitigation
+from mitigations.registry import register_mitigation
+from mitigations.rehearsal import read_texts, self_rehearsal, text_example
 
 
 @dataclass
@@ -78,10 +82,6 @@ def lora_delta(layer) -> torch.Tensor:
 def penalised(model) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Module]]]:
     """What EWC penalises, in a fixed order: the trainable parameters other than LoRA factors, and the LoRA
     linear layers (their effective weight, named after the base weight)."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # without peft there are no LoRA layers
-        LoraLinear = ()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
     factors = {id(f) for _, m in layers for f in lora_factors(m)}
     plain = [(n, p) for n, p in trainable(model) if id(p) not in factors]
@@ -144,23 +144,18 @@ class EWC:
         self.answer_counts: dict = {}  # self data: answers that finished / were cut at max_new_tokens
 
     def _examples(self, model, ctx) -> list:
-        from mitigations import rehearsal
-
         c = self.config
         if c.data == "sft":
             return list(ctx.examples[: c.samples])
         if c.data == "self":
-            examples, self.answer_counts = rehearsal.self_rehearsal(
+            examples, self.answer_counts = self_rehearsal(
                 model, ctx.tokenizer, ctx.job.data.format, c.samples, c.max_new_tokens, c.max_seq_len,
                 ctx.output_dir / "ewc_self.jsonl")
             return examples
-        texts = rehearsal.read_texts(c.data, "train", "text", c.samples)
-        return [rehearsal.text_example(ctx.tokenizer, t, c.max_seq_len) for t in texts]
+        texts = read_texts(c.data, "train", "text", c.samples)
+        return [text_example(ctx.tokenizer, t, c.max_seq_len) for t in texts]
 
     def _load(self, path: str) -> tuple[dict, dict]:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         if not Path(path).is_file():
             raise UserError(f"mitigations: ewc fisher_path {path} not found")
         with safe_open(path, "pt") as handle:
@@ -177,8 +172,6 @@ class EWC:
         return fisher, anchor
 
     def prepare(self, model, ctx) -> None:
-        from safetensors.torch import save_file
-
         c = self.config
         plain, layers = penalised(model)
         self.params, self.layers = [p for _, p in plain], [m for _, m in layers]

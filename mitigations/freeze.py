@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from harness.configlib import knob
 from harness.errors import UserError
-from mitigations import register_mitigation
+from mitigations.registry import register_mitigation
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 

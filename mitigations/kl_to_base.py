@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from harness.batching import collate
 from harness.configlib import knob
 from harness.loss import next_token_targets
-from mitigations import register_mitigation
+from mitigations.registry import register_mitigation
 from mitigations.replay import ReplayConfig, replay_pool
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.configlib import knob
-from mitigations import register_mitigation
+from mitigations.registry import register_mitigation
 
 
 @dataclass

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+from peft import LoraConfig, get_peft_model
+
 from harness.configlib import knob
-from mitigations import register_mitigation
+from harness.errors import UserError
+from mitigations.registry import register_mitigation
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,10 +38,6 @@ class Lora:
         self.config = config
 
     def wrap_model(self, model, ctx):
-        from peft import LoraConfig, get_peft_model
-
-        from harness.errors import UserError
-
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [m for m in self.config.target_modules if m not in names]
         if missing:
@@ -50,8 +50,6 @@ class Lora:
     def export(self, model, ctx) -> dict:
         if not self.config.merge_on_export:
             return {}
-        import copy
-
         return {"merged": copy.deepcopy(model).merge_and_unload()}
 
     def report(self, model, ctx) -> dict:

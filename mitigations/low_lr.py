@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from harness.configlib import knob
 from harness.optim import default_param_groups
-from mitigations import register_mitigation
+from mitigations.registry import register_mitigation
 
 
 @dataclass

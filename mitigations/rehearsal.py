@@ -13,14 +13,18 @@ full-sequence labels and an end-of-sequence target only when the whole text fitt
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import datasets
 import torch
 
+from harness.data import read_json, read_jsonl
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX, Example, split_segments, template_for, tokenize_conversation, truncate
-from harness.io import atomic_write_text
+from harness.io import atomic_write_text, cache_root
+from harness.models import weights_fingerprint
 
 TEMPLATES = ["Explain {} in simple terms.", "Give me three facts about {}.", "Write a short poem about {}.",
              "What are the main benefits of {}?", "Summarise what you know about {}.",
@@ -83,11 +87,6 @@ def synthesize(model, tokenizer, prompts: list[str], max_new_tokens: int,
 
 def _shared_cache(model, tokenizer, prompts: list[str], max_new_tokens: int) -> Path:
     """Where the answers of these weights (adapters excluded: they start as a no-op) to these prompts are kept."""
-    import hashlib
-
-    from evals.runner import weights_fingerprint
-    from harness.models import cache_root
-
     key = json.dumps([weights_fingerprint(model, exclude="lora_"), prompts, max_new_tokens, tokenizer.chat_template,
                       "finished-flag"])  # entries written before answers carried the flag are not reused
     return cache_root() / "rehearsal" / f"{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.jsonl"
@@ -169,8 +168,6 @@ def read_texts(source: str, split: str, field: str, limit: int) -> list[str]:
             raise UserError(f"mitigations: replay source {path} not found")
         texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     elif path.suffix in (".jsonl", ".json"):
-        from harness.data import read_json, read_jsonl
-
         if not path.is_file():
             raise UserError(f"mitigations: replay source {path} not found")
         texts = []
@@ -179,8 +176,6 @@ def read_texts(source: str, split: str, field: str, limit: int) -> list[str]:
                 raise UserError(f"{where}: replay text field {field!r} missing or not a string")
             texts.append(row[field])
     else:
-        import datasets
-
         try:
             stream = datasets.load_dataset(source, split=split, streaming=True)
             texts = [row[field] for row in stream.take(limit)]

@@ -17,7 +17,9 @@ from typing import Literal
 
 from harness.batching import target_tokens
 from harness.configlib import knob
-from mitigations import register_mitigation
+from harness.data import load_conversations, tokenize_all
+from mitigations.registry import register_mitigation
+from mitigations.rehearsal import read_texts, self_rehearsal, text_example
 
 
 @dataclass
@@ -50,21 +52,17 @@ def replay_pool(config: ReplayConfig, model, ctx) -> tuple[list, dict]:
     Self rehearsal counts answers that finished and that were cut at max_new_tokens; plain text counts texts
     cut at max_seq_len.
     """
-    from mitigations import rehearsal
-
     tokenizer = ctx.tokenizer
     if config.source == "self":
         cache = ctx.output_dir / "replay_self.jsonl"
-        return rehearsal.self_rehearsal(model, tokenizer, ctx.job.data.format, config.pool_size,
+        return self_rehearsal(model, tokenizer, ctx.job.data.format, config.pool_size,
                                         config.max_new_tokens, config.max_seq_len, cache)
     if config.kind == "conversations":
-        from harness.data import load_conversations, tokenize_all
-
         data = replace(ctx.job.data, path=config.source, split=config.split, limit=config.pool_size,
                        max_seq_len=config.max_seq_len, eval_split=None)
         return tokenize_all(load_conversations(data), tokenizer, data)[0], {}
-    texts = rehearsal.read_texts(config.source, config.split, config.text_field, config.pool_size)
-    examples = [rehearsal.text_example(tokenizer, t, config.max_seq_len) for t in texts]
+    texts = read_texts(config.source, config.split, config.text_field, config.pool_size)
+    examples = [text_example(tokenizer, t, config.max_seq_len) for t in texts]
     return examples, {"texts_cut": sum(e.input_ids[-1] != tokenizer.eos_token_id for e in examples)}
 
 

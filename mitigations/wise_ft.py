@@ -13,7 +13,7 @@ import torch
 
 from harness.configlib import knob
 from harness.errors import UserError
-from mitigations import register_mitigation
+from mitigations.registry import register_mitigation
 
 
 @dataclass

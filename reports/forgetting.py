@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from harness.experiment import primary_metric
 from reports.stats import (
     align,
     example_transitions,
@@ -26,8 +27,6 @@ from reports.stats import (
 
 def primary_metrics(scores: pd.DataFrame, exp) -> dict[str, str]:
     """task -> the metric compared, for every task the base model was scored on."""
-    from harness.experiment import primary_metric
-
     base = scores[scores["model"] == "base"]
     return {task: primary_metric(task, list(group["metric"]), exp.primary_metrics) for task, group in base.groupby("task", sort=True)}
 

@@ -36,11 +36,11 @@ def test_help_on_every_command(command, capsys):
 ])
 def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, overrides, quick):
     """`forgetting run EXP.yaml --quick output_dir=x` must not fail with 'unrecognized arguments'."""
-    from harness import cli
+    from harness import commands
 
     seen = {}
     for name in ("cmd_run", "cmd_train", "cmd_data", "cmd_config"):  # record the parsed line instead of working
-        monkeypatch.setattr(cli, name, lambda args: seen.update(vars(args)) or 0)
+        monkeypatch.setattr(commands, name, lambda args: seen.update(vars(args)) or 0)
     assert main(argv) == 0
     assert (seen["config"], seen["overrides"], seen.get("quick")) == (config, overrides, quick)
 
@@ -48,10 +48,10 @@ def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, 
 @pytest.mark.parametrize("argv", [["run", "exp.yaml", "--quick", "--bogus"], ["train", "job.yaml", "a=1", "-x"],
                                   ["report", "runs/x", "output_dir=y"], ["eval", "model", "a=1"]])
 def test_unknown_flags_and_overrides_for_commands_without_them_are_usage_errors(monkeypatch, argv, capsys):
-    from harness import cli
+    from harness import commands
 
     for name in ("cmd_run", "cmd_train", "cmd_report", "cmd_eval"):
-        monkeypatch.setattr(cli, name, lambda args: 0)
+        monkeypatch.setattr(commands, name, lambda args: 0)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
@@ -124,7 +124,7 @@ def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tok
 def test_readme_config_reference_is_the_generated_one():
     from pathlib import Path
 
-    from harness.cli import reference
+    from harness.commands import reference
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert reference() in readme, "README's config reference is stale: paste `forgetting config --reference`"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import TrainJob, load_job
 from harness.configlib import apply_overrides, describe
 from harness.errors import UserError
+from harness.job import TrainJob, load_job
 
 
 def write(tmp_path, text, name="job.yaml"):

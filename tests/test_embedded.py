@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import load_job
+from harness.job import load_job
 from harness.train import train
 
 

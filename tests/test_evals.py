@@ -12,8 +12,9 @@ import pytest
 import torch
 from lm_eval.api.model import LM
 
-from evals.runner import EvalSettings, evaluate, headline, task_manager, weights_fingerprint
+from evals.runner import EvalSettings, evaluate, headline, task_manager
 from harness.errors import UserError
+from harness.models import weights_fingerprint
 
 
 class OracleLM(LM):

@@ -12,10 +12,10 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from evals.gate import Thresholds, compare, holm, junit_xml, markdown, sign_flip_pvalue
 from harness.cli import main
 from harness.configlib import from_dict
 from harness.errors import RunError
+from reports.gate import Thresholds, compare, holm, junit_xml, markdown, sign_flip_pvalue
 
 PRIMARY = {"forgetting_knowledge": "acc", "forgetting_prose": "bits_per_byte", "forgetting_target": "exact_match"}
 
@@ -301,7 +301,7 @@ def test_gate_with_a_model_as_baseline_evaluates_both_the_same_way(tmp_path, cap
                                    OSError(28, "No space left on device", "next.json"),
                                    RuntimeError("CUDA error: device-side assert triggered\nsecond line")])
 def test_a_runtime_failure_exits_3_never_1(monkeypatch, tmp_path, capsys, error):
-    from evals import gate
+    from reports import gate
 
     def crash(*args, **kwargs):
         raise error
@@ -327,7 +327,7 @@ def test_exact_pvalue_over_thousands_of_tied_documents_is_the_binomial_tail():
     from fractions import Fraction
     from math import comb
 
-    from evals.gate import sign_flip_pvalue
+    from reports.gate import sign_flip_pvalue
 
     diffs = np.zeros(3000)
     diffs[:1600], diffs[1600:] = 1.0, -1.0

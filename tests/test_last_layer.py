@@ -119,7 +119,7 @@ def test_a_compiled_or_checkpointing_model_is_left_alone(make_tiny, prepare):
 @pytest.mark.parametrize("overrides, used", [([], True), (["train.gradient_checkpointing=true"], False)])
 def test_the_training_loop_uses_it_except_with_checkpointing(tmp_path, monkeypatch, overrides, used):
     from harness import train as train_module
-    from harness.config import load_job
+    from harness.job import load_job
 
     seen = []
     real_enable = last_layer.enable

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from harness.batching import collate
-from harness.config import load_job
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
+from harness.job import load_job
 from harness.train import train
 from mitigations.ewc import EWC, EWCConfig, estimate_fisher
 from mitigations.l2sp import L2SP, L2SPConfig

@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 
 from harness import packing
 from harness.batching import collate, micro_batches
-from harness.config import DataConfig, load_job
+from harness.config import DataConfig
 from harness.data import load_conversations, tokenize_all
 from harness.errors import RunError, UserError
 from harness.formats import IGNORE_INDEX, Example, attach_format
+from harness.job import load_job
 from harness.loss import summed_response_loss
 from harness.train import train
 

@@ -16,7 +16,6 @@ import yaml
 
 from harness.configlib import from_dict, to_dict
 from harness.experiment import Experiment, units
-from reports import headline, write_reports
 from reports.stats import (
     align,
     example_transitions,
@@ -24,6 +23,7 @@ from reports.stats import (
     pareto_front,
     stderr_ci,
 )
+from reports.writer import headline, write_reports
 
 # per-document scores of the fixed run: base, then per unit
 KNOWLEDGE = {"base": [1, 1, 1, 1, 0, 0, 1, 1], "naive__seed0": [0, 1, 0, 1, 0, 1, 0, 1],

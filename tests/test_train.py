@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from harness import train as train_module
-from harness.config import load_job
 from harness.configlib import knob
 from harness.errors import RunError, UserError
+from harness.job import load_job
 from harness.optim import lr_factor
 from harness.train import train
 from mitigations import REGISTRY, register_mitigation
@@ -165,7 +165,7 @@ def test_rerun_of_a_finished_run_trains_nothing_and_other_configs_are_refused(tm
     first = train(job(tmp_path))
     again = train(job(tmp_path))
     assert again.steps == first.steps and again.last_loss == first.last_loss
-    with pytest.raises(UserError, match="holds a run with a different config"):
+    with pytest.raises(UserError, match="holds a different run"):
         train(job(tmp_path, "train.lr=5e-4"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -185,7 +185,7 @@ def test_a_run_saved_before_a_knob_existed_still_resumes(tmp_path):
     assert train(job(tmp_path)).last_loss == first.last_loss  # finished: nothing to train
     config["train"]["retired_knob"] = 1
     saved.write_text(yaml.safe_dump(config))
-    with pytest.raises(UserError, match="holds a run with a different config"):
+    with pytest.raises(UserError, match="holds a different run"):
         train(job(tmp_path))
 
 

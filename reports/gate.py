@@ -20,16 +20,21 @@ failure (no verdict: a model that does not load, a crashed evaluation, a full di
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 from xml.etree import ElementTree
 
 import numpy as np
 
-from harness.configlib import knob
+from evals.runner import EvalSettings, evaluate, load_for_eval
+from harness.configlib import from_dict, knob
 from harness.errors import HarnessError, RunError, UserError
+from harness.experiment import primary_metric
+from reports.tidy import score_rows
 
 MAX_EXACT = 2 ** 20  # sign patterns (after grouping ties) enumerated exactly; Monte Carlo above
 PERMUTATIONS = 20000
@@ -254,8 +259,6 @@ def _judge(check: Check, alpha: float) -> None:
 
 def compare(baseline: dict, candidate: dict, thresholds: Thresholds, primary: dict[str, str]) -> list[Check]:
     """One Check per compared metric of the baseline's results; Holm across the metrics tested per document."""
-    from reports.tidy import score_rows
-
     cand_scores = {(r["task"], r["metric"]): r["value"] for r in score_rows(candidate, {})}
     checks = []
     for row in score_rows(baseline, {}):
@@ -352,13 +355,6 @@ def check_same_documents(baseline: dict, candidate: dict) -> None:
 
 def load_baseline(source: str, settings_overrides: dict, cache_dir) -> tuple[dict, dict]:
     """(baseline results, the settings to evaluate the candidate with) from a results file or a model."""
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from evals.runner import EvalSettings, evaluate, load_for_eval
-    from harness.configlib import from_dict
-
     path = Path(source)
     if path.suffix == ".json":
         if not path.is_file():
@@ -383,10 +379,6 @@ def load_baseline(source: str, settings_overrides: dict, cache_dir) -> tuple[dic
 def run_gate(candidate: str, adapter: str | None, baseline_source: str, thresholds: Thresholds,
              settings_overrides: dict, cache_dir) -> tuple[list[Check], dict]:
     """Evaluate the candidate like the baseline and compare; returns (checks, candidate results)."""
-    from evals.runner import EvalSettings, evaluate, load_for_eval
-    from harness.configlib import from_dict
-    from harness.experiment import primary_metric
-
     baseline, settings = load_baseline(baseline_source, settings_overrides, cache_dir)
     model, tokenizer = load_for_eval(candidate, adapter)
     results = evaluate(model, tokenizer, from_dict(EvalSettings, settings), cache_dir=cache_dir)

@@ -1,0 +1,182 @@
+"""What each `forgetting` command does, once `harness.cli` has parsed its line (`cmd_<name>(args) -> exit code`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+from transformers.utils import logging as hf_logging
+
+from evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse_overwrite, save_results
+from harness.configlib import describe, from_dict, read_yaml, to_dict
+from harness.data import load_conversations, tokenize_all
+from harness.errors import HarnessError, UserError
+from harness.experiment import Experiment, Strategy, load_experiment
+from harness.formats import IGNORE_INDEX, attach_format
+from harness.io import atomic_write_text, cache_root
+from harness.job import TrainJob, load_job
+from harness.models import load_tokenizer
+from harness.pipeline import run_experiment
+from harness.train import train
+from mitigations import registered
+from reports import gate
+from reports.gate import runtime_failure
+from reports.writer import headline as run_headline
+from reports.writer import write_reports
+
+
+def _job(args):
+    return load_job(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    job = _job(args)
+    result = train(job)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.steps} steps; final loss {result.last_loss:.4f}; "
+              f"padding {result.padding_fraction:.1%}; saved to {result.final_dir}")
+        if result.heldout_loss:
+            h = result.heldout_loss
+            print(f"held-out response loss ({h['split']}, {h['examples']} examples): "
+                  f"{h['before']:.4f} before -> {h['after']:.4f} after")
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.reference:
+        print(reference())
+        return 0
+    print(yaml.safe_dump(to_dict(_job(args)), sort_keys=False), end="")
+    return 0
+
+
+def reference() -> str:
+    """Every knob as Markdown tables: a training job, an experiment, a strategy, each registered mitigation."""
+    def table(rows) -> list[str]:
+        return ["| key | default | meaning |", "|---|---|---|"] + [
+            f"| `{key}` | `{default}` | {help_text} |" for key, default, help_text in rows]
+
+    job_sections = ("model.", "data.", "train.")
+    lines = ["### A training job (`forgetting train`, `forgetting config`)", ""] + table(describe(TrainJob))
+    lines += ["", "### An experiment (`forgetting run`)", "",
+              "`model.*`, `data.*` and `train.*` as in a training job (shared by every strategy), and:", ""]
+    lines += table(row for row in describe(Experiment) if not row[0].startswith(job_sections))
+    lines += ["", "### A strategy (an item of an experiment's `strategies`)", ""] + table(describe(Strategy))
+    lines += ["", "### Mitigations (an item of `mitigations`: `{name: NAME, KNOB: value}`; a sweep axis is "
+              "`NAME.KNOB`)", ""]
+    lines += table((f"{name}.{key}", default, help_text) for name, (config_cls, _) in sorted(registered().items())
+                   for key, default, help_text in describe(config_cls))
+    return "\n".join(lines)
+
+
+def cmd_data(args) -> int:
+    job = _job(args)
+    tokenizer = load_tokenizer(job.model)
+    attach_format(tokenizer, job.data.format)
+    examples, stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
+    lengths = sorted(len(e) for e in examples)
+    print(f"records {stats.records}, examples {stats.examples}, truncated {stats.truncated}, "
+          f"dropped (response cut away) {stats.dropped_truncated}")
+    print(f"tokens {stats.tokens} (response {stats.target_tokens}); length min {lengths[0]}, "
+          f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+    first = examples[0]
+    shown = "".join(
+        f"[{tokenizer.decode([t])}]" if label != IGNORE_INDEX else tokenizer.decode([t])
+        for t, label in zip(first.input_ids, first.labels))
+    print("first example ([bracketed] tokens are learned, the rest is masked):\n" + shown)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    output = Path(args.output)
+    refuse_overwrite(output, args.overwrite)  # before the (long) evaluation, not only when saving
+    fields = {"tasks": [t for t in args.tasks.split(",") if t], "limit": args.limit,
+              "batch_size": args.batch_size, "apply_chat_template": not args.no_chat_template,
+              "include_path": args.include_path or []}
+    settings = from_dict(EvalSettings, fields)
+    model, tokenizer = load_for_eval(args.model, args.adapter)
+    cache = None if args.no_cache else cache_root() / "eval"
+    results = evaluate(model, tokenizer, settings, cache_dir=cache)
+    results["forgetting"]["model"] = {"source": args.model, "adapter": args.adapter}
+    save_results(results, output, overwrite=args.overwrite)
+    print(f"{'task':<24} {'metric':<28} {'value':>9} {'stderr':>9}")
+    for task, metric, value, stderr in headline(results):
+        print(f"{task:<24} {metric:<28} {value:>9.4f} {stderr if stderr is not None else float('nan'):>9.4f}")
+    print(f"results written to {output}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    exp = load_experiment(args.config, args.overrides, quick=args.quick)
+    run_dir = run_experiment(exp)
+    print(run_headline(run_dir))
+    print(f"reports: {run_dir / 'reports' / 'report.html'} (and forgetting.md, instruction_following.md); "
+          f"tidy table: {run_dir / 'results.csv'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    run_dir = write_reports(Path(args.run_dir))
+    print(run_headline(run_dir))
+    print(f"reports written to {run_dir / 'reports'}")
+    return 0
+
+
+def cmd_gate(args) -> int:
+    """Exit 0 pass, 1 regression, 2 usage (UserError), 3 any failure while running (1 would read as a verdict)."""
+    try:
+        return _gate(args)
+    except UserError:
+        raise
+    except Exception as err:
+        if not args.debug:
+            raise runtime_failure(err) from err
+        traceback.print_exc()  # --debug: the traceback, and still exit 3
+        print(f"error: {runtime_failure(err)}", file=sys.stderr)
+        return 3
+
+
+def _gate(args) -> int:
+    started = time.perf_counter()
+    outputs = [Path(p) for p in (args.output, args.markdown, args.junit) if p]
+    for path in outputs:
+        refuse_overwrite(path, args.overwrite)
+    data = read_yaml(args.thresholds) if args.thresholds else {}
+    flags = gate.cli_thresholds(args.max_drop or [], args.min_gain or [], args.test, args.alpha)
+    data = dict(data) | {k: v for k, v in flags.items() if k != "metrics"}
+    data["metrics"] = {**data.get("metrics", {}), **flags["metrics"]}
+    try:
+        thresholds = from_dict(gate.Thresholds, data)
+    except HarnessError as err:
+        raise type(err)(f"{args.thresholds or 'thresholds'}: {err}") from None
+    overrides = {k: v for k, v in {"tasks": args.tasks and [t for t in args.tasks.split(",") if t],
+                                   "limit": args.limit, "batch_size": args.batch_size}.items() if v is not None}
+    checks, results = gate.run_gate(args.candidate, args.adapter, args.baseline, thresholds, overrides,
+                                    None if args.no_cache else cache_root() / "eval")
+    title = f"forgetting gate: {args.candidate} vs {args.baseline}"
+    table = gate.markdown(checks, title)
+    print(table, end="")
+    if args.output:
+        save_results(results, Path(args.output), overwrite=args.overwrite)
+    if args.markdown:
+        atomic_write_text(args.markdown, table)
+    if args.junit:
+        atomic_write_text(args.junit, gate.junit_xml(checks, title, time.perf_counter() - started))
+    failed = [c for c in checks if c.status != "pass"]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (
+        f"; failed: {', '.join(f'{c.task}/{c.metric}' for c in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our own progress bar and messages (warnings still go to stderr)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom datasets and defaults
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,45 @@
+"""A training job: model, data, optimisation, mitigations and output, as one validated config.
+
+Load with `load_job(path, overrides)`; the resolved config is saved beside every checkpoint
+(`forgetting_config.yaml`). The mitigation specs are checked against the registry at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.config import DataConfig, ModelConfig, TrainConfig
+from harness.configlib import from_dict, knob, load_config, to_dict
+from harness.errors import HarnessError
+from mitigations import validate_specs
+
+
+@dataclass
+class TrainJob:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the SFT data"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    mitigations: list[dict[str, Any]] = knob([], "mitigations to apply, e.g. [{name: lora, r: 16}]")
+    output_dir: str = knob("runs/train", "where checkpoints, metrics.jsonl and the resolved config go")
+
+    def __post_init__(self):
+        validate_specs(self.mitigations)
+
+
+def load_job(path: str | None, overrides: list[str] = ()) -> TrainJob:
+    """The training job from a YAML file plus `key=value` overrides, validated."""
+    return load_config(TrainJob, path, overrides)
+
+
+def comparable(config: dict, cls: type = TrainJob) -> dict:
+    """`config` as `cls` resolves it today, without the knobs that do not change results (the progress bar).
+
+    Resolving first gives knobs added since a run was saved their defaults, so an older run still resumes; a
+    saved config that no longer resolves (a removed knob) is compared as saved, and so differs.
+    """
+    try:
+        config = to_dict(from_dict(cls, config))
+    except (HarnessError, ValueError, TypeError):
+        pass
+    return dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
