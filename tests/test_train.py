@@ -180,7 +180,7 @@ def test_a_run_saved_before_a_knob_existed_still_resumes(tmp_path):
     first = train(job(tmp_path))
     saved = tmp_path / "run" / "forgetting_config.yaml"
     config = yaml.safe_load(saved.read_text())
-    del config["train"]["packing"], config["train"]["compile"]  # as saved before session 3
+    del config["train"]["packing"], config["train"]["compile"]  # as saved before those knobs existed (commits f7277fe, f77c37e)
     saved.write_text(yaml.safe_dump(config))
     assert train(job(tmp_path)).last_loss == first.last_loss  # finished: nothing to train
     config["train"]["retired_knob"] = 1
