@@ -280,7 +280,7 @@ def by_category(results: dict) -> dict:
     for task, samples in results.get("samples", {}).items():
         if not samples or "category" not in samples[0].get("doc", {}):
             continue
-        metrics = [k.split(",")[0] for k in results["results"].get(task, {}) if "," in k and "stderr" not in k]
+        metrics = [metric for metric, _, _ in metric_entries(results["results"].get(task, {}))]
         groups: dict[str, list[dict]] = {}
         for sample in samples:
             groups.setdefault(sample["doc"]["category"], []).append(sample)
@@ -328,17 +328,23 @@ def adapter_base(folder: Path) -> str:
     return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
+def metric_entries(task_results: dict) -> list[tuple[str, float, float | None]]:
+    """(metric, value, stderr) for each numeric `metric,filter` key of one task's lm-eval results (the one place
+    those keys are parsed; the `_stderr` keys are read as the stderr of their metric, not as metrics)."""
+    entries = []
+    for key, value in task_results.items():
+        if "," not in key or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metric, filt = key.split(",", 1)
+        stderr = task_results.get(f"{metric}_stderr,{filt}")
+        entries.append((metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
+    return entries
+
+
 def headline(results: dict) -> list[tuple[str, str, float, float | None]]:
     """(task, metric, value, stderr) rows for printing."""
-    rows = []
-    for task, metrics in sorted(results.get("results", {}).items()):
-        for key, value in metrics.items():
-            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
-            metric = key.split(",")[0]
-            stderr = metrics.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
-            rows.append((task, metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None))
-    return rows
+    return [(task, *entry) for task, metrics in sorted(results.get("results", {}).items())
+            for entry in metric_entries(metrics)]
 
 
 def refuse_overwrite(path: Path, overwrite: bool) -> None:

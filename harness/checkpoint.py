@@ -4,7 +4,7 @@ Layout of `output_dir`:
     forgetting_config.yaml        the resolved job config (a rerun with a different one is refused)
     metrics.jsonl                 one line per logged step
     checkpoint-000040/            intermediate: model + tokenizer + config + state/ (optimizer, scheduler, RNG)
-    final/                        the finished model + tokenizer + config + train_summary.json
+    final/                        the finished model + tokenizer + config + trainer_state.json (the run's summary)
 Every directory is staged under `.tmp-<name>` and renamed when complete, so a crash never leaves a
 half-written checkpoint standing as a real one.
 """

@@ -30,7 +30,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from evals.runner import EvalSettings, evaluate, load_for_eval
+from evals.runner import EvalSettings, evaluate, load_for_eval, metric_entries
 from harness.configlib import from_dict, knob
 from harness.errors import HarnessError, RunError, UserError
 from harness.experiment import primary_metric
@@ -64,12 +64,6 @@ def runtime_failure(err: Exception) -> GateRunError:
         text = f"{type(err).__name__}: {err}"
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return GateRunError(f"the gate failed while running (exit 3, no verdict): {first}")
-
-
-@dataclass
-class Rule:
-    max_drop: str | None = knob(None, "allowed drop: absolute (0.02) or relative to the baseline ('5%')")
-    min_gain: float | None = knob(None, "required absolute gain (a target metric), e.g. 0.5")
 
 
 @dataclass
@@ -384,6 +378,6 @@ def run_gate(candidate: str, adapter: str | None, baseline_source: str, threshol
     results = evaluate(model, tokenizer, from_dict(EvalSettings, settings), cache_dir=cache_dir)
     results["forgetting"]["model"] = {"source": candidate, "adapter": adapter}
     check_same_documents(baseline, results)
-    primary = {task: primary_metric(task, [k.split(",")[0] for k in metrics if "," in k and "_stderr" not in k])
+    primary = {task: primary_metric(task, [metric for metric, _, _ in metric_entries(metrics)])
                for task, metrics in baseline["results"].items()}
     return compare(baseline, results, thresholds, primary), results

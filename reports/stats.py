@@ -14,10 +14,6 @@ import numpy as np
 import pandas as pd
 
 
-def weighted_mean(values: pd.Series, weights: pd.Series) -> float:
-    return float((values * weights).sum() / weights.sum())
-
-
 def align(base: pd.DataFrame, seeds: list[pd.DataFrame]) -> pd.DataFrame:
     """One row per item: doc, weight, base value and one after-value column per seed (items in all of them)."""
     table = base.set_index("item")[["doc", "weight", "value"]].rename(columns={"value": "base"})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evals.runner import metric_entries
 from harness.configlib import load_config
 from harness.experiment import Experiment, units
 
@@ -35,13 +36,9 @@ def score_rows(results: dict, labels: dict) -> list[dict]:
     for task, metrics in sorted(results.get("results", {}).items()):
         better = results.get("higher_is_better", {}).get(task, {})
         n = results.get("n-samples", {}).get(task, {}).get("effective")
-        for key, value in metrics.items():
-            if "," not in key or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            metric, filt = key.split(",", 1)
-            stderr = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append(labels | {"task": task, "metric": metric, "value": float(value),
-                                  "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
+        for metric, value, stderr in metric_entries(metrics):
+            rows.append(labels | {"task": task, "metric": metric, "value": value,
+                                  "stderr": math.nan if stderr is None else stderr,
                                   "n": n, "higher_is_better": bool(better.get(metric, metric not in LOWER_IS_BETTER))})
     return rows
 
