@@ -5,6 +5,11 @@ module turns nested dicts (from YAML) into those dataclasses, checks each value 
 and reports problems as one-line `UserError`s naming the dotted field path, e.g.
 `demo.yaml: train.lr: expected a number, got 'fast'`. Semantic checks (ranges, choices) live in each
 dataclass's `__post_init__` and raise `ValueError`; they are reported with the same path prefix.
+
+A mapping given for a nested dataclass field changes only the keys it names; the others keep that field's
+default (which may differ from the nested class's own defaults). A dataclass lists keys it no longer has in
+a `moved_keys` class attribute (old key -> new dotted key), and the scalar an older spelling gave where it
+now takes a mapping in `scalar_key`: both are refused with the new spelling in the message.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -27,6 +33,8 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> A
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    if dataclasses.is_dataclass(default):  # a nested config: each instance gets its own copy
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -53,8 +61,20 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """Check `value` against type `tp`; return it converted (ints accepted where floats are)."""
+def _spelled(dotted: str, value: Any) -> str:
+    """`a.b` and 3 as the YAML `a: {b: 3}`, for messages that show a new spelling."""
+    parts = dotted.split(".")
+    text = f"{parts[-1]}: {value if isinstance(value, str) else json.dumps(value)}"  # JSON is YAML flow style
+    for part in reversed(parts[:-1]):
+        text = f"{part}: {{{text}}}"
+    return text
+
+
+def _convert(tp: Any, value: Any, path: str, default: Any = None) -> Any:
+    """Check `value` against type `tp`; return it converted (ints accepted where floats are).
+
+    `default`: the field's default, which a mapping for a nested dataclass changes key by key.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -65,14 +85,16 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, path)
+                return _convert(arg, value, path, default)
             except UserError as err:
                 errors.append(err)
         raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{path}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, path)
+            key, leaf = getattr(tp, "scalar_key", None), path.rsplit(".", 1)[-1]
+            hint = f"; write {_spelled(f'{leaf}.{key}', value)}" if key and value is not None else ""
+            raise UserError(f"{path}: expected a mapping, got {value!r}{hint}")
+        return from_dict(tp, value, path, default if isinstance(default, tp) else None)
     if origin is Literal:
         if value not in args:
             raise UserError(f"{path}: expected one of {', '.join(map(str, args))}; got {value!r}")
@@ -107,18 +129,34 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
 
-def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys (with a suggestion) and wrong types."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys (with a suggestion) and wrong types.
+
+    Keys `data` leaves out take their values from `base` (an instance of `cls`) when given, else the defaults.
+    """
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields)
+    moved = getattr(cls, "moved_keys", {})
+    kwargs = {} if base is None else {name: getattr(base, name) for name in names}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
+            if key in moved:
+                raise UserError(f"{where}: moved to {moved[key]}; write {_spelled(moved[key], value)}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise UserError(f"{where}: unknown key{hint}")
-        kwargs[key] = _convert(hints[key], value, where)
+        default = None
+        if any(map(dataclasses.is_dataclass, (hints[key], *typing.get_args(hints[key])))):  # a nested config
+            default = getattr(base, key) if base is not None else _field_default(fields[key])
+        kwargs[key] = _convert(hints[key], value, where, default)
     try:
         return cls(**kwargs)
     except ValueError as err:
@@ -216,17 +254,24 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
         raise UserError(f"{path}: {err}" if path is not None else str(err)) from None
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every knob of `cls`, for docs and `forgetting config`."""
+def describe(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every knob of `cls`, for docs and `forgetting config`.
+
+    A nested dataclass's knobs show the defaults of the field that holds it (`base`: that field's default).
+    """
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
+        if base is not None:
+            default = getattr(base, f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default = "(required)"
+        else:
+            default = _field_default(f)
         if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(describe(hints[f.name], prefix=name + "."))
+            rows.extend(describe(hints[f.name], name + ".", default if isinstance(default, hints[f.name]) else None))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         rows.append((name, repr(default), f.metadata.get("help", "")))
     return rows
 

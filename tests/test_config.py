@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
 import pytest
 
-from harness.configlib import apply_overrides, describe
+from harness.configlib import apply_overrides, describe, from_dict, knob
 from harness.errors import UserError
 from harness.job import TrainJob, load_job
 
@@ -70,3 +73,37 @@ def test_missing_and_non_utf8_config_files(tmp_path):
     path.write_bytes(b"output_dir: caf\xe9\n")
     with pytest.raises(UserError, match=r"latin\.yaml: not valid UTF-8"):
         load_job(str(path))
+
+
+@dataclass
+class Inner:
+    source: str = knob("self", "where")
+    size: int = knob(64, "how many")
+    scalar_key: ClassVar[str] = "source"
+
+
+@dataclass
+class Outer:
+    inner: Inner = knob(Inner(size=32), "an inner config whose default differs from Inner()")
+    maybe: Optional[Inner] = knob(None, "an optional inner config")
+    moved_keys: ClassVar[dict] = {"size": "inner.size"}
+
+
+def test_a_nested_mapping_changes_only_its_keys_and_keeps_the_fields_default():
+    assert from_dict(Outer, {}).inner == Inner(size=32)
+    assert from_dict(Outer, {"inner": {"source": "a.txt"}}).inner == Inner(source="a.txt", size=32)
+    assert from_dict(Outer, {"inner": {"size": 5}}).inner == Inner(size=5)
+    assert from_dict(Outer, {"maybe": {"size": 5}}).maybe == Inner(size=5)  # no field default: Inner's own
+    assert Outer().inner is not Outer().inner  # each instance its own copy
+    rows = {key: default for key, default, _ in describe(Outer)}
+    assert rows["inner.size"] == "32" and rows["inner.source"] == "'self'"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"size": 8}, "x.size: moved to inner.size; write inner: {size: 8}"),
+    ({"inner": "b.txt"}, "x.inner: expected a mapping, got 'b.txt'; write inner: {source: b.txt}"),
+])
+def test_old_spellings_are_refused_with_the_new_one(data, message):
+    with pytest.raises(UserError) as err:
+        from_dict(Outer, data, "x")
+    assert str(err.value) == message
