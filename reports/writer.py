@@ -97,22 +97,50 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
         raise UserError(f"{run_dir}: the base model has not been evaluated yet; run the experiment first")
     exp = load_config(Experiment, run_dir / "experiment.yaml")
     scores, examples, unit_table = build_tables(run_dir)
+    _write_tables(run_dir, scores, examples)
+    benchmarks = benchmark_table(scores, examples, exp, iters=bootstrap_iters)
+    summary = strategy_table(benchmarks, scores, exp)
+    ifeval, types, health = ifeval_table(scores), instruction_types(examples), health_table(scores)
+    figures = _write_figures(run_dir, benchmarks, summary, unit_table)
+    forgetting = _forgetting_sections(summary, benchmarks, unit_table)
+    instruction = _instruction_sections(ifeval, types, health)
+    out = run_dir / "reports"
+    config_text = (run_dir / "experiment.yaml").read_text()
+    atomic_write_text(out / "experiment.yaml", config_text)
+    atomic_write_text(out / "forgetting.md", to_markdown(f"Forgetting report: {exp.name}", forgetting, figures))
+    atomic_write_text(out / "instruction_following.md",
+                      to_markdown(f"Instruction-following report: {exp.name}", instruction, figures))
+    sections = [Section("Forgetting", level=2)] + [_demote(s) for s in forgetting] + \
+               [Section("Instruction following", level=2)] + [_demote(s) for s in instruction]
+    atomic_write_text(out / "report.html", to_html(f"{exp.name}: forgetting and instruction following", sections,
+                                                   figures, appendix=config_text))
+    atomic_write_json(out / "summary.json", {
+        "strategies": _records(summary), "benchmarks": _records(benchmarks), "ifeval": _records(ifeval),
+        "instruction_types": _records(types), "format_health": _records(health), "units": _records(unit_table)})
+    return run_dir
+
+
+def _write_tables(run_dir: Path, scores: pd.DataFrame, examples: pd.DataFrame) -> None:
+    """The tidy score table (CSV, Parquet, JSON) and the per-example scores, at the run directory's top."""
     atomic_write_text(run_dir / "results.csv", scores.to_csv(index=False))
     atomic_write_bytes(run_dir / "results.parquet", _parquet(scores))
     atomic_write_text(run_dir / "results.json", scores.to_json(orient="records", indent=1) + "\n")
     atomic_write_bytes(run_dir / "examples.parquet", _parquet(examples))
 
-    benchmarks = benchmark_table(scores, examples, exp, iters=bootstrap_iters)
-    summary = strategy_table(benchmarks, scores, exp)
-    ifeval, types, health = ifeval_table(scores), instruction_types(examples), health_table(scores)
+
+def _write_figures(run_dir: Path, benchmarks: pd.DataFrame, summary: pd.DataFrame,
+                   unit_table: pd.DataFrame) -> dict[str, bytes]:
+    """The report's PNG figures, written under reports/; returns them by file name (the HTML embeds them)."""
     figures = {name: data for name, data in {
         "deltas.png": plots.deltas_plot(benchmarks) if not benchmarks.empty else None,
         "pareto.png": plots.pareto_plot(summary), "loss.png": plots.loss_plot(run_dir, unit_table)}.items()
         if data is not None}
-    out = run_dir / "reports"
     for name, data in figures.items():
-        atomic_write_bytes(out / name, data)
+        atomic_write_bytes(run_dir / "reports" / name, data)
+    return figures
 
+
+def _forgetting_sections(summary: pd.DataFrame, benchmarks: pd.DataFrame, unit_table: pd.DataFrame) -> list[Section]:
     failed = unit_table[unit_table["status"] != "done"] if not unit_table.empty else unit_table
     forgetting = [
         Section("Ranking", "Forgetting is the mean of the general (non-target) benchmarks' losses (the 'loss' column "
@@ -135,7 +163,11 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
         Section("Units", "Failed units are listed with their error and left out of every table above."
                 if len(failed) else "Every unit finished.", _unit_view(unit_table)),
     ]
-    instruction = [
+    return [s for s in forgetting if s is not None]
+
+
+def _instruction_sections(ifeval: pd.DataFrame, types: pd.DataFrame, health: pd.DataFrame) -> list[Section]:
+    return [
         Section("IFEval-style instruction following", "Prompt- and instruction-level accuracy, strict and loose "
                 "(± lm-eval stderr; after: the mean over seeds of the score and of its stderr).",
                 _before_after_view(ifeval)),
@@ -147,20 +179,6 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
                 "lower is better). ± lm-eval stderr; after: the mean over seeds of the score and of its stderr.",
                 _before_after_view(health)),
     ]
-    forgetting = [s for s in forgetting if s is not None]
-    config_text = (run_dir / "experiment.yaml").read_text()
-    atomic_write_text(out / "experiment.yaml", config_text)
-    atomic_write_text(out / "forgetting.md", to_markdown(f"Forgetting report: {exp.name}", forgetting, figures))
-    atomic_write_text(out / "instruction_following.md",
-                      to_markdown(f"Instruction-following report: {exp.name}", instruction, figures))
-    sections = [Section("Forgetting", level=2)] + [_demote(s) for s in forgetting] + \
-               [Section("Instruction following", level=2)] + [_demote(s) for s in instruction]
-    atomic_write_text(out / "report.html", to_html(f"{exp.name}: forgetting and instruction following", sections,
-                                                   figures, appendix=config_text))
-    atomic_write_json(out / "summary.json", {
-        "strategies": _records(summary), "benchmarks": _records(benchmarks), "ifeval": _records(ifeval),
-        "instruction_types": _records(types), "format_health": _records(health), "units": _records(unit_table)})
-    return run_dir
 
 
 def _demote(section: Section) -> Section:
