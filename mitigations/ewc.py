@@ -216,7 +216,7 @@ class EWC:
         delta = lora_delta(layer)
         return delta if anchor.data_ptr() == weight.data_ptr() else delta + (weight - anchor)
 
-    def value(self, model) -> torch.Tensor:
+    def _value(self, model) -> torch.Tensor:
         """The penalty (strength / 2) * sum F (theta - theta*)^2 (for reports and tests; not formed per step)."""
         k = len(self.params)
         terms = [(f * (p - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher)]
@@ -250,7 +250,7 @@ class EWC:
     def report(self, model, ctx) -> dict:
         flat = torch.cat([f.flatten() for f in self.fisher])
         with torch.no_grad():
-            final = float(self.value(model))
+            final = float(self._value(model))
         return {"strength": self.config.strength, "estimator": self.config.estimator,
                 "samples": self.used_samples, "data": self.config.data, "normalize": self.config.normalize,
                 "online_decay": self.config.online_decay, **self.answer_counts,

@@ -69,13 +69,13 @@ class KLToBase:
         self.base = copy.deepcopy(model).eval().requires_grad_(False)
         self.step = ctx.start_step  # the loop calls penalty() once a step, from the step it resumes at
 
-    def batch_at(self, step: int) -> list:
+    def _batch_at(self, step: int) -> list:
         """The general examples of optimizer step `step` (0-based): the pool read cyclically, batch after batch."""
         first = step * self.config.batch_size
         return [self.pool[(first + i) % len(self.pool)] for i in range(self.config.batch_size)]
 
     def penalty(self, model, ctx) -> torch.Tensor:
-        picked = self.batch_at(self.step)
+        picked = self._batch_at(self.step)
         self.step += 1
         device = next(model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(picked, ctx.tokenizer.pad_token_id).items()}

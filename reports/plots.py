@@ -10,23 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from reports.forgetting import TWO_SIDED
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _figure().close(fig)
     return buffer.getvalue()
 
 
@@ -36,12 +27,12 @@ def deltas_plot(benchmarks: pd.DataFrame) -> bytes | None:
     table = benchmarks[(benchmarks["variant"] == "final") & ~benchmarks["target"]]
     if table.empty:
         return None
-    plt = _figure()
     tasks = list(dict.fromkeys(table["task"]))
     strategies = list(dict.fromkeys(table["strategy"]))
     width = 0.8 / len(strategies)
     two_sided = set(table.loc[table["metric"].isin(TWO_SIDED), "task"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    fig = Figure(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    ax = fig.subplots()
     for k, strategy in enumerate(strategies):
         rows = table[table["strategy"] == strategy].set_index("task").reindex(tasks)
         sign = np.where(rows["higher_is_better"].fillna(True).astype(bool) | rows.index.isin(two_sided), 1.0, -1.0)
@@ -65,8 +56,8 @@ def pareto_plot(summary: pd.DataFrame) -> bytes | None:
     """Target-task gain vs forgetting; the Pareto front is a dashed line; WiSE-FT alphas a dotted curve."""
     if summary.empty or summary["target_gain"].isna().all():
         return None
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     finals = summary[summary["variant"] == "final"]
     for row in finals.itertuples():
         ax.scatter(100 * row.forgetting, row.target_gain, s=60, zorder=3, label=row.strategy)
@@ -90,8 +81,8 @@ def pareto_plot(summary: pd.DataFrame) -> bytes | None:
 
 def loss_plot(run_dir: Path, units: pd.DataFrame) -> bytes | None:
     """Training loss per optimizer step of every finished unit."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     drawn = 0
     for row in units.itertuples():
         path = run_dir / "units" / row.unit / "train" / "metrics.jsonl"
@@ -108,7 +99,6 @@ def loss_plot(run_dir: Path, units: pd.DataFrame) -> bytes | None:
             ax.plot(*zip(*steps), label=row.unit, linewidth=1)
             drawn += 1
     if not drawn:
-        _figure().close(fig)
         return None
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("response loss (nats/token)")

@@ -151,7 +151,7 @@ def test_ewc_with_lora_penalises_the_effective_weight_update(tokenizer, make_tin
     for name, fisher in saved.items():
         base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
         torch.testing.assert_close(fisher, expected[base_name], rtol=1e-4, atol=1e-12)
-    assert ewc.value(model).item() == 0.0  # B starts at zero
+    assert ewc._value(model).item() == 0.0  # B starts at zero
 
     # move the adapters; the penalty is (strength / 2) sum F (delta W)^2 with delta W from peft's own merge
     torch.manual_seed(0)
@@ -162,11 +162,11 @@ def test_ewc_with_lora_penalises_the_effective_weight_update(tokenizer, make_tin
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
     start = make_tiny().state_dict()
     by_hand = sum(float((expected[n] * (merged[n] - start[n]) ** 2).sum()) for n in wrapped)
-    assert ewc.value(model).item() == pytest.approx(by_hand, rel=1e-4) and by_hand > 0
+    assert ewc._value(model).item() == pytest.approx(by_hand, rel=1e-4) and by_hand > 0
 
     # its exact gradient reaches both lora_A and lora_B
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    want = torch.autograd.grad(ewc.value(model), lora)
+    want = torch.autograd.grad(ewc._value(model), lora)
     for p in lora:
         p.grad = torch.full_like(p, 0.5)
     ewc.penalty_grad(model, None)

@@ -186,15 +186,15 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_matches_the_formula(tokenizer, ma
                           accelerator=Accelerator(cpu=True), job=None)
     ewc = EWC(EWCConfig(strength=3.0, samples=6, data="sft"))
     ewc.prepare(model, ctx)
-    assert ewc.value(model).item() == 0.0
+    assert ewc._value(model).item() == 0.0
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     params = [p for p in model.parameters()]
     by_hand = 0.5 * 3.0 * sum(float((f * (p - a) ** 2).sum()) for f, p, a in zip(ewc.fisher, params, ewc.anchor))
-    assert ewc.value(model).item() == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
+    assert ewc._value(model).item() == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
     # the gradient added in training is the exact gradient of that value
-    expected = torch.autograd.grad(ewc.value(model), params)
+    expected = torch.autograd.grad(ewc._value(model), params)
     for p in params:
         p.grad = torch.full_like(p, 0.5)
     ewc.penalty_grad(model, ctx)
@@ -205,7 +205,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_matches_the_formula(tokenizer, ma
     l2sp = L2SP(L2SPConfig(strength=3.0))
     l2sp.anchor = ewc.anchor
     ewc.fisher = [torch.ones_like(f) for f in ewc.fisher]
-    assert l2sp.penalty(model, ctx).item() == pytest.approx(ewc.value(model).item(), rel=1e-6)
+    assert l2sp.penalty(model, ctx).item() == pytest.approx(ewc._value(model).item(), rel=1e-6)
 
     # the saved Fisher and anchor are reused as they are
     reused = EWC(EWCConfig(strength=3.0, fisher_path=str(tmp_path / "ewc_fisher.safetensors")))
