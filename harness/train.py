@@ -7,7 +7,7 @@
 
 Runs on `accelerate`: `torchrun` / `accelerate launch` give DDP with the same global batch (each process
 takes a share of every step; the loss is normalised by the step's global token count, so the gradient
-equals the one-process gradient). Mitigations plug in through the hooks in `mitigations/__init__.py`.
+equals the one-process gradient). Mitigations plug in through the hooks in `mitigations/registry.py`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
 from harness.precision import resolve_precision
-from mitigations import build_mitigations, hook_results
+from mitigations import build_mitigations, chain, hook_results
 
 
 @dataclass(frozen=True)
@@ -200,21 +200,17 @@ def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
     resumable = ckpt.checkpoint_dirs(output_dir)  # resume from the newest complete checkpoint, if any
     start = resumable[-1][0] if resumable else 0
     ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), output_dir, start_step=start)
-    for mitigation in mitigations:
-        if hasattr(mitigation, "wrap_model"):
-            model = mitigation.wrap_model(model, ctx)
+    model = chain(mitigations, "wrap_model", model, ctx)
     model.to(accelerator.device)
     if job.train.compile:
         compile_model(model, accelerator.device)
-    for mitigation in mitigations:
-        if hasattr(mitigation, "mix_data"):
-            examples = list(mitigation.mix_data(examples, model, ctx))
+    examples = list(chain(mitigations, "mix_data", examples, model, ctx))
     hook_results(mitigations, "prepare", model, ctx)
 
     # ---- optimizer, schedule, the whole step plan
     if accelerator.num_processes > job.train.batch_size:
         raise UserError(f"train.batch_size={job.train.batch_size} is smaller than the {accelerator.num_processes} processes")
-    groups = next(iter(hook_results(mitigations, "param_groups", model, ctx)), None)
+    groups = next(iter(hook_results(mitigations, "param_groups", model, ctx)), None)  # at most one (registry)
     groups = groups or default_param_groups(model, job.train.weight_decay)
     optimizer = make_optimizer(groups, job.train, accelerator.device)
     steps = plan_steps(len(examples), job.train.batch_size, job.train.epochs, job.train.max_steps, job.train.seed)

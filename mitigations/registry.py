@@ -1,11 +1,13 @@
 """The mitigation protocol and the registry from name to (config dataclass, implementation).
 
 A mitigation is any object with some of these optional hooks; the SFT loop calls the ones it has, in the
-order the config lists the mitigations. Hooks return values; the loop decides what to do with them.
+order the config lists the mitigations, through `hook_results` (each hook's results in order) or, for the two
+chained hooks, `chain` (each mitigation receives the previous one's output).
 
-    wrap_model(model, ctx) -> model         replace/wrap the model to train (LoRA, freezing)
-    param_groups(model, ctx) -> [dict]      optimizer parameter groups (per-group lr, weight decay)
-    mix_data(examples, model, ctx) -> [Ex]  the training examples with extra ones mixed in (replay)
+    wrap_model(model, ctx) -> model         chained: replace/wrap the model to train (LoRA, freezing)
+    param_groups(model, ctx) -> [dict]      optimizer parameter groups (per-group lr, weight decay); at most
+                                            one mitigation of a config may have it
+    mix_data(examples, model, ctx) -> [Ex]  chained: the training examples with extra ones mixed in (replay)
     prepare(model, ctx) -> None             before the first step: snapshot anchors, estimate Fisher
     penalty(model, ctx) -> Tensor           added to the loss once per optimizer step (L2-SP, KL)
     penalty_grad(model, ctx) -> None        adds a penalty's exact gradient to the trainable parameters' .grad in
@@ -14,22 +16,29 @@ order the config lists the mitigations. Hooks return values; the loop decides wh
     export(model, ctx) -> {name: model}     after training: extra models saved as final/<name> (merged LoRA)
     report(model, ctx) -> dict              after training: numbers recorded beside the run's results
 
+Three hooks may change state: `prepare` (the mitigation's own: anchors, Fisher, pools), `penalty_grad` (adds
+to the parameters' .grad) and `wrap_model` (returns a new or wrapped model, whose parameters it may freeze).
+The others only return values; the loop decides what to do with them.
+
 `ctx` is a read-only `harness.train.TrainContext`. Register an implementation with
 
     @register_mitigation("name", NameConfig)
     class Name: def __init__(self, config: NameConfig): ...
 
-and configure it as `mitigations: [{name: name, <NameConfig fields>}]`.
+and configure it as `mitigations: [{name: name, <NameConfig fields>}]`. Registration refuses a public method
+that is not a hook (a misspelled hook would otherwise never be called): name helpers with a leading underscore.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from harness.configlib import from_dict
 from harness.errors import UserError
 
 HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "penalty_grad", "export", "report")
+CHAINED = ("wrap_model", "mix_data")  # hooks whose first argument is the previous mitigation's output
 
 
 @runtime_checkable
@@ -43,16 +52,28 @@ REGISTRY: dict[str, tuple[type, type]] = {}
 
 
 def register_mitigation(name: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator: make `name` build `impl(config_cls(**fields))`."""
+    """Class decorator: make `name` build `impl(config_cls(**fields))`; refuse public methods that are not hooks."""
 
     def decorate(impl: type) -> type:
         if name in REGISTRY:
             raise ValueError(f"mitigation {name!r} is already registered")
+        _check_hooks(name, impl)
         REGISTRY[name] = (config_cls, impl)
         impl.name = name
         return impl
 
     return decorate
+
+
+def _check_hooks(name: str, impl: type) -> None:
+    """Raise a one-line TypeError for the first public callable of `impl` that is not in `HOOKS`."""
+    for attribute in dir(impl):
+        if attribute.startswith("_") or attribute in HOOKS or not callable(getattr(impl, attribute, None)):
+            continue
+        close = difflib.get_close_matches(attribute, HOOKS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TypeError(f"mitigation {name!r} ({impl.__name__}): public method {attribute!r} is not a hook; {hint}"
+                        f"hooks: {', '.join(HOOKS)} (name a helper with a leading underscore)")
 
 
 def registered() -> dict[str, tuple[type, type]]:
@@ -74,23 +95,40 @@ def _config_of(spec: Any, index: int) -> tuple[str, Any]:
 
 
 def validate_specs(specs: list[dict]) -> None:
-    """Raise a one-line UserError for the first unknown name or bad field; check duplicates."""
+    """Raise a one-line UserError for the first unknown name or bad field; check duplicates and that at most
+    one mitigation sets the optimizer's parameter groups."""
     names = [_config_of(spec, i)[0] for i, spec in enumerate(specs)]
     for name in set(names):
         if names.count(name) > 1:
             raise UserError(f"mitigations: {name!r} is listed {names.count(name)} times")
+    _one_param_groups(names)
+
+
+def _one_param_groups(names: list[str]) -> None:
+    """Two `param_groups` hooks cannot both be honoured (the optimizer takes one list of groups)."""
+    setting = [name for name in names if hasattr(REGISTRY[name][1], "param_groups")]
+    if len(setting) > 1:
+        raise UserError(f"mitigations: {setting[0]!r} and {setting[1]!r} both set the optimizer's parameter "
+                        f"groups (param_groups); use one of them")
 
 
 def build_mitigations(specs: list[dict]) -> list[Any]:
     """Instantiate the configured mitigations, in config order."""
-    built = []
-    for i, spec in enumerate(specs):
-        name, config = _config_of(spec, i)
-        built.append(REGISTRY[name][1](config))
-    return built
+    configs = [_config_of(spec, i) for i, spec in enumerate(specs)]
+    _one_param_groups([name for name, _ in configs])
+    return [REGISTRY[name][1](config) for name, config in configs]
 
 
 def hook_results(mitigations: list[Any], hook: str, *args: Any) -> list[Any]:
     """Call `hook(*args)` on each mitigation that has it; return the results in order."""
-    assert hook in HOOKS, hook
+    assert hook in HOOKS and hook not in CHAINED, hook
     return [getattr(m, hook)(*args) for m in mitigations if hasattr(m, hook)]
+
+
+def chain(mitigations: list[Any], hook: str, value: Any, *args: Any) -> Any:
+    """Pass `value` through `hook(value, *args)` of each mitigation that has it, in order; return the last output."""
+    assert hook in CHAINED, hook
+    for mitigation in mitigations:
+        if hasattr(mitigation, hook):
+            value = getattr(mitigation, hook)(value, *args)
+    return value
