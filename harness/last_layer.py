@@ -3,9 +3,10 @@
 In a causal LM the last decoder layer's output at a position is read only by the LM head at that position.
 The training loss projects only the positions that predict a response token (`logits_to_keep`, a boolean
 mask), so everywhere else the last layer's MLP and attention output projection are wasted work: 77% of the
-positions on the built-in task. While enabled, those two modules run only at the kept positions and write
-zeros elsewhere (hidden states that no one reads). Keys and values of the last layer still come from every
-position, as attention needs them. Exact: loss and gradients equal the full computation (tests).
+positions on the built-in task. While enabled (`with only_where_logits(model):`), those two modules run only
+at the kept positions and write zeros elsewhere (hidden states that no one reads). Keys and values of the last
+layer still come from every position, as attention needs them. Exact: loss and gradients equal the full
+computation (tests).
 
 It applies to decoder layers with an `mlp` module named `*MLP` (Llama, Mistral, Qwen, Gemma, Phi-3, ...) and a
 `self_attn.o_proj`; anything else (mixture-of-experts blocks, other layouts) runs unchanged. Not combined with
@@ -14,7 +15,8 @@ gradient checkpointing (the recomputation runs outside the model call that sets 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -71,6 +73,16 @@ def enable(model) -> Callable[[], None]:
                 module.forward = own_forward
 
     return restore
+
+
+@contextmanager
+def only_where_logits(model) -> Iterator[None]:
+    """`enable` for a `with` block: the layer's own forwards come back however the block ends (an error too)."""
+    undo = enable(model)
+    try:
+        yield
+    finally:
+        undo()
 
 
 def _only_at_kept(forward, kept: dict):

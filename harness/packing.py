@@ -8,7 +8,8 @@ SDPA. The linear layers, which are most of the work, see only real tokens. On a 
 with padded micro-batches on the built-in task (BENCHMARKS.md); loss and gradients equal the padded ones (tests).
 On a CPU the packed attention runs in fp32 even under bf16 autocast: the CPU's bf16 flash-attention backward
 takes ~2x the time of fp32's at these sizes, and a bf16 step spent a quarter of its time there.
-Micro-batches are formed by `harness.batching.micro_batches(..., packed=True)`.
+Micro-batches are formed by `harness.batching.micro_batches(..., packed=True)`; the training loop runs them
+inside `with packed_attention_on(model):`.
 
 A model whose attention does not go through transformers' attention interface would silently let sequences
 see each other; `packed_attention` counts the calls and `train` refuses such a model after its first step.
@@ -16,8 +17,8 @@ see each other; `packed_attention` counts the calls and `train` refuses such a m
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import AttentionInterface
@@ -79,6 +80,16 @@ def enable(model) -> Callable[[], None]:
     base.set_attn_implementation(IMPLEMENTATION)
     CALLS["packed"] = 0
     return lambda: base.set_attn_implementation(previous)
+
+
+@contextmanager
+def packed_attention_on(model) -> Iterator[None]:
+    """`enable` for a `with` block: the attention is switched back however the block ends (an error too)."""
+    restore = enable(model)
+    try:
+        yield
+    finally:
+        restore()
 
 
 def pack(examples: list[Example]) -> dict:
