@@ -8,24 +8,13 @@ import torch
 
 from harness import last_layer, packing
 from harness.batching import collate
-from harness.config import DataConfig
-from harness.data import load_conversations, tokenize_all
-from harness.formats import attach_format
-from harness.loss import summed_response_loss
+from tests.helpers import loss_and_grads, tiny_job
 
 
 @pytest.fixture
-def examples(fresh_tokenizer):
-    attach_format(fresh_tokenizer, "chat_template")
-    config = DataConfig(path="builtin", limit=5, max_seq_len=128)
-    return tokenize_all(load_conversations(config), fresh_tokenizer, config)[0], fresh_tokenizer.pad_token_id
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = summed_response_loss(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def examples(builtin_examples):
+    items, tokenizer = builtin_examples(5)
+    return items, tokenizer.pad_token_id
 
 
 def _close(a, b):
@@ -45,11 +34,11 @@ def test_loss_and_every_gradient_equal_the_full_computation(make_tiny, examples,
     model = make_tiny()
     undo_packing = packing.enable(model) if layout == "packed" else (lambda: None)
     batch = packing.pack(items) if layout == "packed" else collate(items, pad_id)
-    full_loss, full_grads = _loss_and_grads(model, batch)
+    full_loss, full_grads = loss_and_grads(model, batch)
     layer = last_layer.last_decoder_layer(model)
     rows, handle = _count_mlp_rows(layer)
     undo = last_layer.enable(model)
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     undo()
     handle.remove()
     undo_packing()
@@ -69,9 +58,9 @@ def test_lora_model_gets_the_same_gradients(make_tiny, examples):
     model = get_peft_model(make_tiny(), LoraConfig(r=4, target_modules=["o_proj", "down_proj", "q_proj"],
                                                    init_lora_weights=False))
     batch = collate(items, pad_id)
-    full_loss, full_grads = _loss_and_grads(model, batch)
+    full_loss, full_grads = loss_and_grads(model, batch)
     undo = last_layer.enable(model)
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     undo()
     assert torch.allclose(loss, full_loss, rtol=1e-6)
     for name, grad in full_grads.items():
@@ -119,7 +108,6 @@ def test_a_compiled_or_checkpointing_model_is_left_alone(make_tiny, prepare):
 @pytest.mark.parametrize("overrides, used", [([], True), (["train.gradient_checkpointing=true"], False)])
 def test_the_training_loop_uses_it_except_with_checkpointing(tmp_path, monkeypatch, overrides, used):
     from harness import train as train_module
-    from harness.job import load_job
 
     seen = []
     real_enable = last_layer.enable
@@ -131,8 +119,7 @@ def test_the_training_loop_uses_it_except_with_checkpointing(tmp_path, monkeypat
         return lambda: (undo(), first.remove(), last.remove())
 
     monkeypatch.setattr(last_layer, "enable", spy)
-    job = load_job(None, ["model.name_or_path=tiny-random", "data.limit=8", "train.batch_size=4", "train.max_steps=1",
-                          "train.progress=false", f"output_dir={tmp_path / 'run'}", *overrides])
+    job = tiny_job(tmp_path, "data.limit=8", "train.batch_size=4", "train.max_steps=1", "train.lr=2e-5", *overrides)
     train_module.train(job)
     (first_rows, last_rows), = seen
     assert first_rows and len(first_rows) == len(last_rows)  # one micro-batch (twice with recomputation)

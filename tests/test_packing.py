@@ -9,13 +9,10 @@ from safetensors.torch import load_file
 
 from harness import packing
 from harness.batching import collate, micro_batches
-from harness.config import DataConfig
-from harness.data import load_conversations, tokenize_all
 from harness.errors import RunError, UserError
-from harness.formats import IGNORE_INDEX, Example, attach_format
-from harness.job import load_job
-from harness.loss import summed_response_loss
+from harness.formats import IGNORE_INDEX, Example
 from harness.train import train
+from tests.helpers import loss_and_grads, tiny_job
 
 
 def test_pack_layout_restarts_positions_and_masks_each_first_label():
@@ -36,29 +33,15 @@ def test_packed_micro_batches_fill_the_token_budget_without_padding():
     assert micro_batches([0], [50], max_tokens=10, packed=True) == [[0]]  # too long: alone, not dropped
 
 
-@pytest.fixture
-def examples(fresh_tokenizer):
-    attach_format(fresh_tokenizer, "chat_template")
-    config = DataConfig(path="builtin", limit=6, max_seq_len=128)
-    return tokenize_all(load_conversations(config), fresh_tokenizer, config)[0], fresh_tokenizer
-
-
-def _loss_and_grads(model, batches):
-    model.zero_grad(set_to_none=True)
-    total = sum(summed_response_loss(model, batch) for batch in batches)
-    total.backward()
-    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_packed_row_equals_each_example_alone(make_tiny, examples):
+def test_packed_row_equals_each_example_alone(make_tiny, builtin_examples):
     """The reference is independent of both layouts: every example run on its own, unpadded, summed."""
-    items, tokenizer = examples
+    items, tokenizer = builtin_examples(6)
     assert len({len(e) for e in items}) > 1  # different lengths, so padding would matter
     model = make_tiny()
-    reference_loss, reference_grads = _loss_and_grads(model, [collate([e], tokenizer.pad_token_id) for e in items])
+    reference_loss, reference_grads = loss_and_grads(model, *(collate([e], tokenizer.pad_token_id) for e in items))
     restore = packing.enable(model)
     try:
-        loss, grads = _loss_and_grads(model, [packing.pack(items)])
+        loss, grads = loss_and_grads(model, packing.pack(items))
     finally:
         restore()
     assert packing.CALLS["packed"] > 0
@@ -69,9 +52,7 @@ def test_packed_row_equals_each_example_alone(make_tiny, examples):
 
 
 def job(tmp_path, *overrides, name="run"):
-    base = ["model.name_or_path=tiny-random", "data.limit=64", "train.batch_size=8", "train.lr=1e-3",
-            "train.max_steps=3", "train.progress=false", "train.micro_batch_tokens=256", f"output_dir={tmp_path / name}"]
-    return load_job(None, base + list(overrides))
+    return tiny_job(tmp_path, "train.max_steps=3", "train.micro_batch_tokens=256", *overrides, name=name)
 
 
 def test_packed_training_equals_padded_training(tmp_path, capsys):

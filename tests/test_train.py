@@ -12,16 +12,10 @@ from safetensors.torch import load_file
 from harness import train as train_module
 from harness.configlib import knob
 from harness.errors import RunError, UserError
-from harness.job import load_job
 from harness.optim import lr_factor
 from harness.train import train
 from mitigations import REGISTRY, register_mitigation
-
-
-def job(tmp_path, *overrides, name="run"):
-    base = ["model.name_or_path=tiny-random", "data.limit=64", "train.batch_size=8", "train.lr=1e-3",
-            "train.max_steps=2", "train.progress=false", f"output_dir={tmp_path / name}"]
-    return load_job(None, base + list(overrides))
+from tests.helpers import tiny_job as job
 
 
 def losses(result_dir) -> list[float]:

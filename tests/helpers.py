@@ -1,0 +1,70 @@
+"""Plain helpers shared by the test files: job builders, config files, tokenizers and losses for tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from harness.job import TrainJob, load_job
+from harness.loss import summed_response_loss
+
+# the byte tokenizer's special tokens, spelled as the embedded model's tokenizer spells them
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# a ChatML template with a default system turn, the layout of the embedded model's own template
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def conversation(*turns: str, system: str | None = None) -> list[dict]:
+    """Alternating user/assistant messages from plain strings."""
+    roles = ["user", "assistant"]
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def tiny_job(tmp_path: Path, *overrides: str, name: str = "run") -> TrainJob:
+    """A short training job on the tiny random model into tmp_path/name; `overrides` replace any default here."""
+    base = ["model.name_or_path=tiny-random", "data.limit=64", "train.batch_size=8", "train.lr=1e-3",
+            "train.max_steps=2", "train.progress=false", f"output_dir={tmp_path / name}"]
+    return load_job(None, base + list(overrides))
+
+
+def write(directory: Path, name: str, content: str | dict) -> Path:
+    """Write `content` to directory/name: text as it is, a mapping as YAML in its own key order."""
+    path = directory / name
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def byte_tokenizer():
+    """A tokenizer with one token per byte plus the ChatML special tokens (259 in all) and a chat template.
+
+    Built in memory with the `tokenizers` library: tests of formats and data need no model files. Every text
+    round-trips through encode and decode; ids 1 and 2 are BOS and EOS, as `harness.models.tiny_model` expects.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    model = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate([*SPECIALS, *alphabet])}, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = decoders.ByteLevel()
+    model.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=BYTE_CHAT_TEMPLATE)
+
+
+def loss_and_grads(model, *batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The summed response loss over `batches` and the gradient of every trainable parameter, from zero."""
+    model.zero_grad(set_to_none=True)
+    total = sum(summed_response_loss(model, batch) for batch in batches)
+    total.backward()
+    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
