@@ -16,9 +16,20 @@ from harness.formats import (
     tokenize_conversation,
     truncate,
 )
-from tests.conftest import conversation
+from tests.helpers import conversation
 
 END_MARKER = {"chatml": "<|im_end|>", "alpaca": "<|im_end|>", "plain": "<|im_end|>", "chat_template": "<|im_end|>"}
+
+
+@pytest.fixture
+def tokenizer(byte_tokenizer):
+    """Formats and masks need no real vocabulary: the byte tokenizer, so these tests need no model files."""
+    return byte_tokenizer
+
+
+@pytest.fixture
+def fresh_tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 def learned_text(tokenizer, example: Example) -> list[str]:
