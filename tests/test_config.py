@@ -10,16 +10,11 @@ import pytest
 from harness.configlib import apply_overrides, describe, from_dict, knob
 from harness.errors import UserError
 from harness.job import TrainJob, load_job
-
-
-def write(tmp_path, text, name="job.yaml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+from tests.helpers import write
 
 
 def test_yaml_and_overrides_resolve_with_types(tmp_path):
-    path = write(tmp_path, "train:\n  lr: 1e-5\n  epochs: 3\ndata:\n  format: alpaca\n")
+    path = write(tmp_path, "job.yaml", "train:\n  lr: 1e-5\n  epochs: 3\ndata:\n  format: alpaca\n")
     job = load_job(str(path), ["train.batch_size=16", "data.max_seq_len=512", "model.dtype=bfloat16"])
     assert job.train.lr == 1e-5 and isinstance(job.train.epochs, float) and job.train.epochs == 3.0
     assert job.train.batch_size == 16 and job.data.max_seq_len == 512 and job.data.format == "alpaca"
@@ -60,7 +55,7 @@ def test_overrides_do_not_change_the_input():
     ("mitigations:\n  - l2sp\n", [], r"mitigations\[0\]: expected a mapping, got 'l2sp'"),
 ])
 def test_bad_configs_give_one_line_naming_the_field(tmp_path, text, overrides, pattern):
-    path = write(tmp_path, text)
+    path = write(tmp_path, "job.yaml", text)
     with pytest.raises(UserError, match=pattern) as err:
         load_job(str(path), overrides)
     assert "\n" not in str(err.value)
