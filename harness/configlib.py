@@ -70,6 +70,11 @@ def _spelled(dotted: str, value: Any) -> str:
     return text
 
 
+# scalar type -> (Python types accepted, how an error names it); a bool is accepted only where a bool is asked
+SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
+           str: (str, "a string")}
+
+
 def _convert(tp: Any, value: Any, path: str, default: Any = None) -> Any:
     """Check `value` against type `tp`; return it converted (ints accepted where floats are).
 
@@ -110,23 +115,12 @@ def _convert(tp: Any, value: Any, path: str, default: Any = None) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {path}")
+    if tp not in SCALARS:
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    accepts, expected = SCALARS[tp]
+    if isinstance(value, bool) is not (tp is bool) or not isinstance(value, accepts):
+        raise UserError(f"{path}: expected {expected}, got {value!r}")
+    return float(value) if tp is float else value
 
 
 def _field_default(f: dataclasses.Field) -> Any:
