@@ -1,4 +1,4 @@
-"""Crash safety: `forgetting run` killed with SIGKILL at many moments resumes to the uninterrupted result, and
+"""Crash safety: `forgetting run` killed with SIGKILL at chosen moments resumes to the uninterrupted result, and
 an atomic write killed between writing and renaming leaves the old file standing."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
-import yaml
 
 from harness.cli import main
+from tests.helpers import write
 
 EXPERIMENT = {"name": "crash", "model": {"name_or_path": "tiny-random"},
               "data": {"path": "builtin", "max_seq_len": 96, "limit": 24},
@@ -23,39 +24,61 @@ EXPERIMENT = {"name": "crash", "model": {"name_or_path": "tiny-random"},
 
 
 def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # unbuffered, so that a run's first line of output shows when its imports are done
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONUNBUFFERED="1")
 
 
 def _reference_run_and_crash_config(tmp_path):
     """Run the experiment uninterrupted into ref/; return the config of the same experiment into crashed/."""
-    reference = tmp_path / "reference.yaml"
-    reference.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "ref"))))
+    reference = write(tmp_path, "reference.yaml", dict(EXPERIMENT, output_dir=str(tmp_path / "ref")))
     assert main(["run", str(reference)]) == 0
-    crashed = tmp_path / "crashed.yaml"
-    crashed.write_text(yaml.safe_dump(dict(EXPERIMENT, output_dir=str(tmp_path / "crashed"))))
-    return crashed
+    return write(tmp_path, "crashed.yaml", dict(EXPERIMENT, output_dir=str(tmp_path / "crashed")))
+
+
+def _start_run(config, output):
+    """`forgetting run CONFIG` in a new process, its stdout and stderr into the files output.out and output.err."""
+    with open(f"{output}.out", "w") as out, open(f"{output}.err", "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "harness", "run", str(config)], env=_env(), stdout=out,
+                                stderr=err)
+
+
+def _seconds_to_first_output(process, output) -> float:
+    """Wait until the process has printed something (its imports are done) or ended; the seconds that took."""
+    start = time.monotonic()
+    while process.poll() is None and os.path.getsize(f"{output}.out") == 0:
+        time.sleep(0.02)
+    return time.monotonic() - start
 
 
 @pytest.mark.slow
 def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
+    """SIGKILL at three moments taken from the measured phases of the same run: once during the imports, then a
+    third of the run's work after each resumed start. A fixed number of kills, so the test's length follows the
+    run's (a slower CPU makes the kills later, not more of them)."""
     crashed = _reference_run_and_crash_config(tmp_path)
-    command = [sys.executable, "-m", "harness", "run", str(crashed)]
-    # from within the imports on; each rerun resumes and gets further before it is killed. The delay grows geometrically so
-    # that a slow CPU costs a few more kills, not a quadratic number of them.
-    kills, delay = 0, 2.0
-    while True:
-        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            process.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-            delay *= 1.25
-            continue
-        assert process.returncode == 0, process.stderr.read()[-2000:]
-        break
-    assert kills >= 3  # it was really interrupted, at several stages
+    # an uninterrupted run in a process, as the crashed ones run (the reference above filled the evaluation cache)
+    probe = write(tmp_path, "probe.yaml", dict(EXPERIMENT, output_dir=str(tmp_path / "probe")))
+    began = time.monotonic()
+    process = _start_run(probe, tmp_path / "probe")
+    startup = _seconds_to_first_output(process, tmp_path / "probe")
+    assert process.wait() == 0, (tmp_path / "probe.err").read_text()[-2000:]
+    work = time.monotonic() - began - startup
+    for kill, delay_after_output in enumerate([None, work / 3, work / 3], start=1):
+        output = tmp_path / f"attempt{kill}"
+        process = _start_run(crashed, output)
+        if delay_after_output is None:
+            time.sleep(startup / 2)  # within the imports
+        else:
+            _seconds_to_first_output(process, output)
+            time.sleep(delay_after_output)
+        assert process.poll() is None, f"the run ended before kill {kill} (startup {startup:.1f} s, work {work:.1f} s)"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # the last rerun has a budget (an uninterrupted run's time four times over, and room for a busy machine)
+    final = subprocess.run([sys.executable, "-m", "harness", "run", str(crashed)], env=_env(), capture_output=True,
+                           text=True, timeout=4 * (startup + work) + 60)
+    assert final.returncode == 0, final.stderr[-2000:]
     ref, got = tmp_path / "ref", tmp_path / "crashed"
     assert (got / "results.csv").read_text() == (ref / "results.csv").read_text()
     for unit in ("naive__seed0", "lora__seed0"):  # bitwise the same weights (CPU)
