@@ -38,7 +38,8 @@ class Strategy:
     name: str = knob(None, "label in reports and the unit directory name (letters, digits, _ - .)")
     mitigations: list[dict[str, Any]] = knob([], "mitigations, e.g. [{name: lora, r: 16}]; [] is the naive baseline")
     overrides: dict[str, Any] = knob({}, "job keys changed for this strategy only, e.g. {train.lr: 1e-4}")
-    sweep: dict[str, list] = knob({}, "axis -> values: a job key (data.limit, data.format, train.lr) or <mitigation>.<field> (replay.ratio)")
+    sweep: dict[str, list] = knob({}, "axis -> values: a job key (data.limit, data.format, train.lr) or "
+                                      "<mitigation>.<field> (replay.ratio, replay.data.size)")
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
@@ -120,7 +121,7 @@ def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_
         if spec is None or "." not in axis:
             raise UserError(f"{where}.sweep: axis {axis!r} is neither a job key (data.limit, train.lr, ...) nor "
                             f"<mitigation>.<field> of a mitigation this strategy lists")
-        spec[axis.split(".", 1)[1]] = value
+        set_key(spec, axis.split(".")[1:], value, f"{where}.sweep")  # replay.data.size: a nested knob
     data["train"]["seed"] = seed
     data["mitigations"] = mitigations
     data["output_dir"] = output_dir

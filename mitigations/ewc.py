@@ -4,9 +4,10 @@ The penalty enters training through its exact gradient, strength * F * (theta - 
 parameters' gradients in two fused passes per step (`penalty_grad`); forming the value every step would cost
 about 9x more on a 135M model. The value is computed for the report.
 
-theta* are the trainable weights before training; F is a diagonal Fisher estimated on general data, as the
-mean over examples of the squared gradient of each example's (per-token mean) log-likelihood. Not the square
-of a minibatch's mean gradient, which underestimates F (the common bug). Estimators:
+theta* are the trainable weights before training; F is a diagonal Fisher estimated on general data (`data`,
+mitigations/general_data.py, or `source: sft`: the first SFT examples), as the mean over examples of the
+squared gradient of each example's (per-token mean) log-likelihood. Not the square of a minibatch's mean
+gradient, which underestimates F (the common bug). Estimators:
   empirical  gradients at the data's own labels;
   sampled    labels drawn from the model's predictive distribution at every response position, given the
              data prefix (the true Fisher, one sample per position).
@@ -25,9 +26,9 @@ Every report records estimator, sample count and normalisation beside the streng
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -39,28 +40,25 @@ from harness.configlib import knob
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX
 from harness.loss import next_token_targets, summed_response_loss
+from mitigations.general_data import GeneralData, general_examples
 from mitigations.registry import register_mitigation
-from mitigations.rehearsal import read_texts, self_rehearsal, text_example
 
 
 @dataclass
 class EWCConfig:
     strength: float = knob(1.0, "lambda: weight of the Fisher-weighted squared distance to the start")
     estimator: Literal["empirical", "sampled"] = knob("empirical", "Fisher at the data's labels, or at labels sampled from the model")
-    samples: int = knob(64, "examples the Fisher is averaged over")
-    data: str = knob("self", "Fisher data: self (the model's answers to general prompts), sft, or a .txt/.jsonl text file")
+    data: GeneralData = knob(GeneralData(), "the examples the Fisher is averaged over")
     normalize: Literal["none", "mean", "max"] = knob("none", "divide F by its mean or max (then strength is scale-free)")
     fisher_path: Optional[str] = knob(None, "load F and theta* from this safetensors file instead of estimating")
     online_decay: Optional[float] = knob(None, "online EWC: F = decay * F(fisher_path) + new estimate, theta* = start")
-    max_new_tokens: int = knob(128, "self data: answer length when synthesizing")
-    max_seq_len: int = knob(512, "tokens per Fisher example")
     seed: int = knob(0, "seed of the sampled estimator")
+    moved_keys: ClassVar[dict[str, str]] = {"samples": "data.size", "max_new_tokens": "data.max_new_tokens",
+                                            "max_seq_len": "data.max_seq_len"}
 
     def __post_init__(self):
         if not self.strength >= 0:
             raise ValueError(f"strength: must be >= 0, got {self.strength}")
-        if self.samples < 1:
-            raise ValueError(f"samples: must be at least 1, got {self.samples}")
         if self.online_decay is not None and (self.fisher_path is None or not 0 <= self.online_decay <= 1):
             raise ValueError("online_decay: needs fisher_path and a value in [0, 1]")
 
@@ -141,19 +139,7 @@ class EWC:
         self.params: list[torch.nn.Parameter] = []  # what `penalised` found in prepare (the same objects after
         self.layers: list[torch.nn.Module] = []     # DDP wrapping or compiling), so no step walks the modules
         self.used_samples = 0
-        self.answer_counts: dict = {}  # self data: answers that finished / were cut at max_new_tokens
-
-    def _examples(self, model, ctx) -> list:
-        c = self.config
-        if c.data == "sft":
-            return list(ctx.examples[: c.samples])
-        if c.data == "self":
-            examples, self.answer_counts = self_rehearsal(
-                model, ctx.tokenizer, ctx.job.data.format, c.samples, c.max_new_tokens, c.max_seq_len,
-                ctx.output_dir / "ewc_self.jsonl")
-            return examples
-        texts = read_texts(c.data, "train", "text", c.samples)
-        return [text_example(ctx.tokenizer, t, c.max_seq_len) for t in texts]
+        self.data_counts: dict = {}  # self: answers finished / cut at max_new_tokens; text: texts cut
 
     def _load(self, path: str) -> tuple[dict, dict]:
         if not Path(path).is_file():
@@ -185,7 +171,7 @@ class EWC:
             self.fisher = [fisher[n].to(w.device) for n, w in zip(self.names, weights)]
             self.anchor = [anchor[n].to(w.device) for n, w in zip(self.names, weights)]
         else:
-            examples = self._examples(model, ctx)
+            examples, self.data_counts = general_examples(c.data, model, ctx, ctx.output_dir / "ewc_self.jsonl")
             self.used_samples = len(examples)
             frozen = [m.base_layer.weight for _, m in layers]
             for w in frozen:  # the gradient w.r.t. the base weight, taken while B = 0: the base model's
@@ -203,7 +189,7 @@ class EWC:
             tensors = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.fisher)}
             tensors |= {f"anchor.{n}": a.cpu().contiguous() for n, a in zip(self.names, self.anchor)}
             save_file(tensors, str(ctx.output_dir / "ewc_fisher.safetensors"),
-                      metadata={"config": json.dumps(c.__dict__), "samples": str(self.used_samples), "fisher": "raw"})
+                      metadata={"config": json.dumps(asdict(c)), "samples": str(self.used_samples), "fisher": "raw"})
         if c.normalize != "none":
             flat = torch.cat([f.flatten() for f in self.fisher])
             scale = (flat.mean() if c.normalize == "mean" else flat.max()).clamp_min(1e-30)
@@ -252,7 +238,7 @@ class EWC:
         with torch.no_grad():
             final = float(self._value(model))
         return {"strength": self.config.strength, "estimator": self.config.estimator,
-                "samples": self.used_samples, "data": self.config.data, "normalize": self.config.normalize,
-                "online_decay": self.config.online_decay, **self.answer_counts,
+                "samples": self.used_samples, "data": self.config.data.source, "normalize": self.config.normalize,
+                "online_decay": self.config.online_decay, **self.data_counts,
                 "lora_layers": len(self.layers), "fisher_mean": float(flat.mean()),
                 "fisher_max": float(flat.max()), "final_penalty": final}

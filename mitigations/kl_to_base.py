@@ -1,8 +1,8 @@
 """kl_to_base: keep the model's predictions close to the base model's on general data (LwF-style distillation).
 
 Penalty each optimizer step: strength * mean over response positions of KL(p_base || p_current), on a
-cycling batch of general examples (self-synthesized rehearsal by default, or any replay source). The base
-model is a frozen copy taken before training (twice the weight memory).
+cycling batch of general examples (`data`, mitigations/general_data.py: self-synthesized rehearsal by default).
+The base model is a frozen copy taken before training (twice the weight memory).
 
 Step k's batch is a function of k (pool items k*batch_size ...), so a resumed run sees the batches the
 uninterrupted run would have: `prepare` takes the step the loop resumes from, the newest complete checkpoint.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +20,24 @@ import torch.nn.functional as F
 from harness.batching import collate
 from harness.configlib import knob
 from harness.loss import next_token_targets
+from mitigations.general_data import GeneralData, general_examples, refuse_sft
 from mitigations.registry import register_mitigation
-from mitigations.replay import ReplayConfig, replay_pool
 
 
 @dataclass
 class KLToBaseConfig:
     strength: float = knob(0.1, "beta: weight of the KL term")
-    source: str = knob("self", "general data: self (rehearsal), a .txt/.jsonl file or a datasets name (as replay)")
-    pool_size: int = knob(32, "distinct general examples")
+    data: GeneralData = knob(GeneralData(size=32), "the general examples the KL is taken on")
     batch_size: int = knob(4, "general examples per optimizer step")
-    max_new_tokens: int = knob(128, "self: answer length when synthesizing")
-    max_seq_len: int = knob(512, "tokens per general example")
+    moved_keys: ClassVar[dict[str, str]] = {"source": "data.source", "pool_size": "data.size",
+                                            "max_new_tokens": "data.max_new_tokens", "max_seq_len": "data.max_seq_len"}
 
     def __post_init__(self):
         if not self.strength >= 0:
             raise ValueError(f"strength: must be >= 0, got {self.strength}")
-        if self.batch_size < 1 or self.pool_size < 1:
-            raise ValueError("batch_size and pool_size: must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        refuse_sft(self.data, "kl_to_base")
 
 
 def logits_at_targets(model, batch):
@@ -62,10 +63,7 @@ class KLToBase:
         self.last = 0.0
 
     def prepare(self, model, ctx) -> None:
-        c = self.config
-        source = ReplayConfig(source=c.source, pool_size=c.pool_size, max_new_tokens=c.max_new_tokens,
-                              max_seq_len=c.max_seq_len)
-        self.pool, self.counts = replay_pool(source, model, ctx)
+        self.pool, self.counts = general_examples(self.config.data, model, ctx, ctx.output_dir / "replay_self.jsonl")
         self.base = copy.deepcopy(model).eval().requires_grad_(False)
         self.step = ctx.start_step  # the loop calls penalty() once a step, from the step it resumes at
 
@@ -86,5 +84,5 @@ class KLToBase:
         return self.config.strength * kl
 
     def report(self, model, ctx) -> dict:
-        return {"strength": self.config.strength, "source": self.config.source, "pool": len(self.pool),
+        return {"strength": self.config.strength, "source": self.config.data.source, "pool": len(self.pool),
                 **self.counts, "last_kl": float(self.last)}

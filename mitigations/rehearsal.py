@@ -1,14 +1,13 @@
-"""General data for replay and for Fisher estimation: self-synthesized rehearsal, text files, JSONL, hub datasets.
+"""Self-synthesized rehearsal: the default general data of replay, EWC and kl_to_base (mitigations/general_data.py).
 
-Self-synthesized rehearsal needs no external data: before training, the base model answers a fixed set of
-general prompts (greedy decoding); those (prompt, answer) pairs, in the training format with response-only
-labels, stand in for the pretraining/instruction data the model has not got at hand. The prompts' subjects
-are words no evaluation task uses (tests/test_mitigation_audit.py checks this against the evals' own data).
+It needs no external data: before training, the base model answers a fixed set of general prompts (greedy
+decoding); those (prompt, answer) pairs, in the training format with response-only labels, stand in for the
+pretraining/instruction data the model has not got at hand. The prompts' subjects are words no evaluation
+task uses (tests/test_mitigation_audit.py checks this against the evals' own data).
 
 An answer cut at `max_new_tokens` (the model did not stop by itself) is kept, but its end marker gets no
 loss: training it would teach the model to stop mid-sentence. Keeping it (rather than dropping it) keeps the
-pool as large as asked, and its tokens are still the base model's own predictions. Plain text gets
-full-sequence labels and an end-of-sequence target only when the whole text fitted.
+pool as large as asked, and its tokens are still the base model's own predictions.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import datasets
 import torch
 
-from harness.data import read_json, read_jsonl
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX, Example, split_segments, template_for, tokenize_conversation, truncate
 from harness.io import atomic_write_text, cache_root
@@ -148,39 +145,3 @@ def self_rehearsal(model, tokenizer, format_name: str, count: int, max_new_token
         counts["answers_unmarked"] = flags.count(None)
     return [e for e in examples if e is not None], counts
 
-
-def text_example(tokenizer, text: str, max_seq_len: int) -> Example:
-    """Plain text as a full-sequence language-modelling example (every token is a target).
-
-    It ends in EOS (a target: the text ends here) only when the whole text fits; a text cut at `max_seq_len`
-    does not end there, so it gets no EOS.
-    """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = ids + [tokenizer.eos_token_id] if len(ids) < max_seq_len else ids[:max_seq_len]
-    return Example(input_ids=ids, labels=list(ids))
-
-
-def read_texts(source: str, split: str, field: str, limit: int) -> list[str]:
-    """Texts from a .txt file (blank-line separated), a JSONL/JSON file's `field`, or a datasets name (streamed)."""
-    path = Path(source).expanduser()
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise UserError(f"mitigations: replay source {path} not found")
-        texts = [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-    elif path.suffix in (".jsonl", ".json"):
-        if not path.is_file():
-            raise UserError(f"mitigations: replay source {path} not found")
-        texts = []
-        for row, where in (read_jsonl if path.suffix == ".jsonl" else read_json)(path):
-            if not isinstance(row.get(field), str):
-                raise UserError(f"{where}: replay text field {field!r} missing or not a string")
-            texts.append(row[field])
-    else:
-        try:
-            stream = datasets.load_dataset(source, split=split, streaming=True)
-            texts = [row[field] for row in stream.take(limit)]
-        except Exception as err:  # offline, missing, wrong field
-            raise UserError(f"mitigations: cannot stream replay source {source!r}: {str(err).splitlines()[0]}") from None
-    if not texts:
-        raise UserError(f"mitigations: replay source {source} has no text")
-    return texts[:limit]

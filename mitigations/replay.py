@@ -1,25 +1,23 @@
 """replay: mix general data into the SFT stream at a fixed ratio, by loss tokens, tokens or examples, seeded.
 
-Sources: `self` (self-synthesized rehearsal: the base model's own answers to general prompts, the offline
-default), a .txt / .jsonl file of plain text, a conversation file in any layout `data.path` accepts (with
-`kind: conversations`), or a `datasets` name (streamed). Plain text is trained with full-sequence loss,
-conversations with response-only loss. `ratio` is the replay share of the mixed stream; by default of its
-target tokens, the tokens the loss is taken on (each weighs the same in a step's loss), so it is the replay
-share of the loss. Counted in examples or all tokens it can be far off that: plain text is all targets,
-a conversation's prompt is none. The report records the realised share by all three measures.
+The replay examples are `data` (mitigations/general_data.py): by default `self`, the base model's own answers
+to general prompts; or a text or conversation file, or a `datasets` name. Plain text is trained with
+full-sequence loss, conversations with response-only loss. `ratio` is the replay share of the mixed stream;
+by default of its target tokens, the tokens the loss is taken on (each weighs the same in a step's loss), so
+it is the replay share of the loss. Counted in examples or all tokens it can be far off that: plain text is
+all targets, a conversation's prompt is none. The report records the realised share by all three measures.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from harness.batching import target_tokens
 from harness.configlib import knob
-from harness.data import load_conversations, tokenize_all
+from mitigations.general_data import GeneralData, general_examples, refuse_sft
 from mitigations.registry import register_mitigation
-from mitigations.rehearsal import read_texts, self_rehearsal, text_example
 
 
 @dataclass
@@ -27,43 +25,19 @@ class ReplayConfig:
     ratio: float = knob(0.2, "share of the mixed training stream that is replay data, in [0, 1)")
     by: Literal["target_tokens", "tokens", "examples"] = knob(
         "target_tokens", "what the ratio counts: target_tokens (the share of the loss), tokens or examples")
-    source: str = knob("self", "self (self-synthesized rehearsal), a .txt/.jsonl file, or a datasets name")
-    kind: Literal["text", "conversations"] = knob("text", "for file sources: plain text or SFT conversations")
-    split: str = knob("train", "datasets split (hub sources)")
-    text_field: str = knob("text", "field holding the text (jsonl and hub sources)")
-    pool_size: int = knob(64, "distinct replay examples to draw from (self: prompts to answer)")
-    max_new_tokens: int = knob(128, "self: answer length when synthesizing")
-    max_seq_len: int = knob(512, "tokens per replay example")
+    data: GeneralData = knob(GeneralData(), "the replay examples: the pool the quota is drawn from")
     seed: int = knob(0, "seed for which replay examples fill the quota")
+    moved_keys: ClassVar[dict[str, str]] = {"source": "data.source", "kind": "data.kind", "split": "data.split",
+                                            "text_field": "data.text_field", "pool_size": "data.size",
+                                            "max_new_tokens": "data.max_new_tokens", "max_seq_len": "data.max_seq_len"}
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
             raise ValueError(f"ratio: must be in [0, 1), got {self.ratio}")
-        if self.pool_size < 1 or self.max_new_tokens < 1 or self.max_seq_len < 8:
-            raise ValueError("pool_size and max_new_tokens must be >= 1, max_seq_len >= 8")
+        refuse_sft(self.data, "replay")
 
 
 MEASURES = {"examples": lambda e: 1, "tokens": len, "target_tokens": lambda e: target_tokens([e])}
-
-
-def replay_pool(config: ReplayConfig, model, ctx) -> tuple[list, dict]:
-    """The distinct replay examples (tokenized) for `config.source`, and counts for the report.
-
-    Self rehearsal counts answers that finished and that were cut at max_new_tokens; plain text counts texts
-    cut at max_seq_len.
-    """
-    tokenizer = ctx.tokenizer
-    if config.source == "self":
-        cache = ctx.output_dir / "replay_self.jsonl"
-        return self_rehearsal(model, tokenizer, ctx.job.data.format, config.pool_size,
-                                        config.max_new_tokens, config.max_seq_len, cache)
-    if config.kind == "conversations":
-        data = replace(ctx.job.data, path=config.source, split=config.split, limit=config.pool_size,
-                       max_seq_len=config.max_seq_len, eval_split=None)
-        return tokenize_all(load_conversations(data), tokenizer, data)[0], {}
-    texts = read_texts(config.source, config.split, config.text_field, config.pool_size)
-    examples = [text_example(tokenizer, t, config.max_seq_len) for t in texts]
-    return examples, {"texts_cut": sum(e.input_ids[-1] != tokenizer.eos_token_id for e in examples)}
 
 
 def _cycle(pool: list, rng: random.Random):
@@ -97,11 +71,11 @@ class Replay:
         self.stats: dict = {}
 
     def mix_data(self, examples, model, ctx):
-        pool, counts = replay_pool(self.config, model, ctx)
+        pool, counts = general_examples(self.config.data, model, ctx, ctx.output_dir / "replay_self.jsonl")
         extra = fill_quota(pool, examples, self.config.ratio, self.config.by, random.Random(self.config.seed))
         mixed = list(examples) + extra
         share = shares(extra, mixed)
-        self.stats = {"ratio": self.config.ratio, "by": self.config.by, "source": self.config.source,
+        self.stats = {"ratio": self.config.ratio, "by": self.config.by, "source": self.config.data.source,
                       "pool": len(pool), **counts, "replay_examples": len(extra),
                       "realised_ratio": share[self.config.by], "share": share}
         return mixed

@@ -27,7 +27,7 @@ def experiment(tmp_path, **changes) -> dict:
               "strategies": [{"name": "naive"},
                              {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]},
                              {"name": "wise", "mitigations": [{"name": "wise_ft", "alphas": [0.5]}]},
-                             {"name": "replay", "mitigations": [{"name": "replay", "source": str(replay), "pool_size": 6}],
+                             {"name": "replay", "mitigations": [{"name": "replay", "data": {"source": str(replay), "size": 6}}],
                               "sweep": {"replay.ratio": [0.25, 0.5]}}],
               "seeds": [0], "output_dir": str(tmp_path / "run")}
     config.update(changes)
@@ -43,7 +43,7 @@ def write(tmp_path, config: dict, name: str = "exp.yaml"):
 def test_units_expand_sweeps_and_seeds_with_each_jobs_settings(tmp_path):
     config = experiment(tmp_path, seeds=[0, 3], strategies=[
         {"name": "low", "overrides": {"train.lr": 1.0e-5}},
-        {"name": "mix", "mitigations": [{"name": "replay", "source": "self"}],
+        {"name": "mix", "mitigations": [{"name": "replay", "data": {"source": "self"}}],
          "sweep": {"replay.ratio": [0.1, 0.3], "data.format": ["chatml", "alpaca"]}},
         {"name": "size", "sweep": {"data.limit": [8, 16]}}])
     found = units(load_experiment(str(write(tmp_path, config))))
@@ -57,11 +57,24 @@ def test_units_expand_sweeps_and_seeds_with_each_jobs_settings(tmp_path):
     assert all(u.job.output_dir == f"{config['output_dir']}/units/{u.id}/train" for u in found)
 
 
+def test_a_sweep_axis_reaches_a_nested_general_data_knob(tmp_path):
+    config = experiment(tmp_path, strategies=[
+        {"name": "kl", "mitigations": [{"name": "kl_to_base", "data": {"source": "general.txt"}}],
+         "sweep": {"kl_to_base.data.size": [4, 8]}},
+        {"name": "ewc", "mitigations": [{"name": "ewc"}], "sweep": {"ewc.data.max_new_tokens": [16]}}])
+    found = units(load_experiment(str(write(tmp_path, config))))
+    assert [u.strategy for u in found] == ["kl[size=4]", "kl[size=8]", "ewc[max_new_tokens=16]"]
+    assert [u.job.mitigations[0]["data"] for u in found] == [
+        {"source": "general.txt", "size": 4}, {"source": "general.txt", "size": 8}, {"max_new_tokens": 16}]
+
+
 BAD_EXPERIMENTS = [
     ({"strategies": [{"name": "a"}, {"name": "a"}]}, "the name 'a' is used 2 times"),
     ({"strategies": [{"name": "a", "mitigation": []}]}, "did you mean 'mitigations'"),
     ({"strategies": [{"name": "a", "mitigations": [{"name": "lorra"}]}]}, "unknown mitigation 'lorra'"),
     ({"strategies": [{"name": "a", "sweep": {"replay.ratio": [0.1]}}]}, "axis 'replay.ratio'"),
+    ({"strategies": [{"name": "a", "mitigations": [{"name": "replay"}], "sweep": {"replay.pool_size": [8]}}]},
+     "mitigations[0].pool_size: moved to data.size; write data: {size: 8}"),
     ({"strategies": [{"name": "a", "overrides": {"train.lrr": 1}}]}, "(a).train.lrr: unknown key; did you mean 'lr'?"),
     ({"strategies": [{"name": "a", "overrides": {"train.lr": "fast"}}]}, "train.lr: expected a number"),
     ({"strategies": [{"name": "a b"}]}, "name: expected letters"),

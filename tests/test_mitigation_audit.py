@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
 from mitigations.ewc import EWC, EWCConfig
+from mitigations.general_data import GeneralData
 from tests.conftest import conversation
 from tests.test_mitigations import examples_for, job, memorise, reference_fisher, write_general_text
 
@@ -54,7 +55,7 @@ def test_cut_rehearsal_answers_get_no_loss_on_the_end_marker(tokenizer, make_tin
 
 
 def test_plain_text_cut_by_max_seq_len_gets_no_end_marker(tokenizer):
-    from mitigations.rehearsal import text_example
+    from mitigations.general_data import text_example
 
     text = "The sun is a star and the moon is not a star at all, whatever people say."
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -68,11 +69,11 @@ def test_plain_text_cut_by_max_seq_len_gets_no_end_marker(tokenizer):
 
 def test_online_ewc_normalises_the_mixture_of_raw_fishers(tokenizer, make_tiny, tmp_path):
     first_data, second_data = examples_for(tokenizer)[:3], examples_for(tokenizer)[3:]
-    first = EWC(EWCConfig(samples=3, data="sft", normalize="mean"))
+    first = EWC(EWCConfig(data=GeneralData(source="sft", size=3), normalize="mean"))
     first.prepare(make_tiny(), ctx_for(tokenizer, first_data, tmp_path / "a"))
     saved = tmp_path / "a" / "ewc_fisher.safetensors"
     second_model = make_tiny(seed=1)
-    online = EWC(EWCConfig(samples=3, data="sft", normalize="mean", fisher_path=str(saved), online_decay=0.5))
+    online = EWC(EWCConfig(data=GeneralData(source="sft", size=3), normalize="mean", fisher_path=str(saved), online_decay=0.5))
     online.prepare(second_model, ctx_for(tokenizer, second_data, tmp_path / "b"))
 
     old_raw = reference_fisher(make_tiny(), first_data)
@@ -115,7 +116,7 @@ def test_replay_report_records_the_realised_share_by_every_measure(tokenizer, tm
 
     sft = conversations_of(tokenizer, [2, 4, 30] * 10, "red")
     source = write_general_text(tmp_path)
-    replay = Replay(ReplayConfig(ratio=0.3, source=str(source), pool_size=4))
+    replay = Replay(ReplayConfig(ratio=0.3, data=GeneralData(source=str(source), size=4)))
     mixed = replay.mix_data(sft, None, SimpleNamespace(tokenizer=tokenizer, output_dir=tmp_path))
     extra = mixed[len(sft):]
     share = replay.report(None, None)["share"]
@@ -136,7 +137,7 @@ def lora_model(make_tiny):
 def test_ewc_with_lora_penalises_the_effective_weight_update(tokenizer, make_tiny, tmp_path):
     data = examples_for(tokenizer)[:3]
     model = lora_model(make_tiny)
-    ewc = EWC(EWCConfig(strength=2.0, samples=3, data="sft"))
+    ewc = EWC(EWCConfig(strength=2.0, data=GeneralData(source="sft", size=3)))
     ewc.prepare(model, ctx_for(tokenizer, data, tmp_path))
 
     # the Fisher is the base model's, on the wrapped layers' weights (independent: the unwrapped base model)
@@ -182,7 +183,7 @@ def test_kl_to_base_batches_after_a_resume_equal_the_uninterrupted_run(tmp_path,
     import mitigations.kl_to_base as kl_module
     from harness.train import train
 
-    spec = f"mitigations=[{{name: kl_to_base, source: {write_general_text(tmp_path)}, batch_size: 3}}]"
+    spec = f"mitigations=[{{name: kl_to_base, data: {{source: {write_general_text(tmp_path)}}}, batch_size: 3}}]"
     args = ("train.max_steps=4", "train.save_every=2", spec)
     seen: list = []
     real_collate = kl_module.collate

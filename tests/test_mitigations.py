@@ -14,6 +14,7 @@ from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conver
 from harness.job import load_job
 from harness.train import train
 from mitigations.ewc import EWC, EWCConfig, estimate_fisher
+from mitigations.general_data import GeneralData
 from mitigations.l2sp import L2SP, L2SPConfig
 from mitigations.replay import fill_quota
 from tests.conftest import conversation
@@ -32,11 +33,11 @@ def final_weights(result) -> dict:
 CASES = {  # name -> (mitigations override, check(result, start_state, tmp_path))
     "low_lr": ("[{name: low_lr, lr: 1e-5}]", "low_lr"),
     "lora": ("[{name: lora, r: 4, target_modules: [q_proj, v_proj]}]", "lora"),
-    "replay": ("[{name: replay, ratio: 0.25, source: REPLAY_TXT, pool_size: 4}]", "replay"),
-    "ewc": ("[{name: ewc, strength: 10.0, samples: 4, data: sft}]", "ewc"),
+    "replay": ("[{name: replay, ratio: 0.25, data: {source: REPLAY_TXT, size: 4}}]", "replay"),
+    "ewc": ("[{name: ewc, strength: 10.0, data: {source: sft, size: 4}}]", "ewc"),
     "l2sp": ("[{name: l2sp, strength: 0.1}]", "l2sp"),
     "freeze": ("[{name: freeze, layers: [1, 1]}]", "freeze"),
-    "kl_to_base": ("[{name: kl_to_base, strength: 1.0, source: REPLAY_TXT, batch_size: 2}]", "kl_to_base"),
+    "kl_to_base": ("[{name: kl_to_base, strength: 1.0, data: {source: REPLAY_TXT}, batch_size: 2}]", "kl_to_base"),
     "wise_ft": ("[{name: wise_ft, alphas: [0.0, 0.5, 1.0]}]", "wise_ft"),
 }
 
@@ -184,7 +185,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_matches_the_formula(tokenizer, ma
     model = make_tiny()
     ctx = SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=tmp_path,
                           accelerator=Accelerator(cpu=True), job=None)
-    ewc = EWC(EWCConfig(strength=3.0, samples=6, data="sft"))
+    ewc = EWC(EWCConfig(strength=3.0, data=GeneralData(source="sft", size=6)))
     ewc.prepare(model, ctx)
     assert ewc._value(model).item() == 0.0
     with torch.no_grad():
@@ -221,9 +222,9 @@ def test_online_ewc_decays_the_previous_fisher_and_adds_the_new_one(tokenizer, m
     model = make_tiny()
     ctx = SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=tmp_path / "a",
                           accelerator=Accelerator(cpu=True), job=None)
-    first = EWC(EWCConfig(samples=6, data="sft"))
+    first = EWC(EWCConfig(data=GeneralData(source="sft", size=6)))
     first.prepare(model, ctx)
-    online = EWC(EWCConfig(samples=6, data="sft", fisher_path=str(tmp_path / "a" / "ewc_fisher.safetensors"),
+    online = EWC(EWCConfig(data=GeneralData(source="sft", size=6), fisher_path=str(tmp_path / "a" / "ewc_fisher.safetensors"),
                            online_decay=0.5))
     online.prepare(model, SimpleNamespace(**{**ctx.__dict__, "output_dir": tmp_path / "b"}))
     for old, new in zip(first.fisher, online.fisher):
@@ -253,7 +254,7 @@ def test_replay_quota_is_met_and_deterministic():
 
 
 def test_plain_text_replay_gets_full_sequence_labels(tokenizer, tmp_path):
-    from mitigations.rehearsal import read_texts, text_example
+    from mitigations.general_data import read_texts, text_example
 
     (tmp_path / "general.txt").write_text("The sun is a star.\n\nWater is wet.\n")
     texts = read_texts(str(tmp_path / "general.txt"), "train", "text", 10)
@@ -263,7 +264,7 @@ def test_plain_text_replay_gets_full_sequence_labels(tokenizer, tmp_path):
     with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
         read_texts(str(tmp_path / "bad.jsonl"), "train", "text", 10)
     (tmp_path / "list.json").write_text('[{"text": "a"}, {"body": "b"}]')
-    with pytest.raises(UserError, match=r"list\.json: record 2: replay text field 'text' missing"):
+    with pytest.raises(UserError, match=r"list\.json: record 2: general data text field 'text' missing"):
         read_texts(str(tmp_path / "list.json"), "train", "text", 10)
     assert example.labels == example.input_ids and example.input_ids[-1] == tokenizer.eos_token_id
 
@@ -289,9 +290,9 @@ def test_self_rehearsal_answers_come_from_the_model(tokenizer, make_tiny, tmp_pa
 
 
 @pytest.mark.parametrize("spec", [
-    "[{name: lora, r: 4, target_modules: [q_proj, v_proj]}, {name: ewc, samples: 2, data: sft, strength: 5.0}]",
-    "[{name: replay, ratio: 0.2, source: REPLAY_TXT, pool_size: 2}, {name: ewc, samples: 2, data: sft}]",
-    "[{name: low_lr}, {name: ewc, samples: 2, data: sft, estimator: sampled}]",
+    "[{name: lora, r: 4, target_modules: [q_proj, v_proj]}, {name: ewc, data: {source: sft, size: 2}, strength: 5.0}]",
+    "[{name: replay, ratio: 0.2, data: {source: REPLAY_TXT, size: 2}}, {name: ewc, data: {source: sft, size: 2}}]",
+    "[{name: low_lr}, {name: ewc, data: {source: sft, size: 2}, estimator: sampled}]",
 ])
 def test_mitigations_compose(tmp_path, spec):
     spec = spec.replace("REPLAY_TXT", str(write_general_text(tmp_path)))
@@ -325,7 +326,7 @@ def test_ewc_training_stays_closer_to_the_anchor_in_fisher_distance(tmp_path, ma
     start = make_tiny().state_dict()
     free = final_weights(train(job(tmp_path, "train.max_steps=6", name="free")))
     pulled = train(job(tmp_path, "train.max_steps=6",
-                       "mitigations=[{name: ewc, strength: 100.0, samples: 4, data: sft, normalize: mean}]",
+                       "mitigations=[{name: ewc, strength: 100.0, data: {source: sft, size: 4}, normalize: mean}]",
                        name="ewc"))
     fisher = {k[len("fisher."):]: v for k, v in load_file(str(tmp_path / "ewc" / "ewc_fisher.safetensors")).items()
               if k.startswith("fisher.")}
