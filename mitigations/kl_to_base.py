@@ -63,7 +63,8 @@ class KLToBase:
         self.last = 0.0
 
     def prepare(self, model, ctx) -> None:
-        self.pool, self.counts = general_examples(self.config.data, model, ctx, ctx.output_dir / "replay_self.jsonl")
+        cache = ctx.output_dir / "kl_to_base_self.jsonl"  # its own: replay's file may hold another pool
+        self.pool, self.counts = general_examples(self.config.data, model, ctx, cache)
         self.base = copy.deepcopy(model).eval().requires_grad_(False)
         self.step = ctx.start_step  # the loop calls penalty() once a step, from the step it resumes at
 

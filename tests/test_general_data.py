@@ -36,6 +36,22 @@ def write_sources(tmp_path) -> dict:
             "self": {"source": "self", "size": 2, "max_new_tokens": 8}}
 
 
+def answering_model(tokenizer, make_tiny, count: int):
+    """A tiny model that answers the first `count` general prompts (an untrained one answers nothing)."""
+    template = template_for("chatml", tokenizer)
+    lessons = [tokenize_conversation(tokenizer, template, conversation(p, "I like learning."))
+               for p in general_prompts(count)]
+    return memorise(make_tiny(), lessons, tokenizer.pad_token_id, steps=60)
+
+
+def context(tokenizer, output_dir):
+    from accelerate import Accelerator
+
+    return SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=output_dir,
+                           accelerator=Accelerator(cpu=True), job=SimpleNamespace(data=DataConfig(format="chatml")),
+                           start_step=0)
+
+
 def drawn_by_each(model, ctx, data: dict, monkeypatch) -> dict:
     """name -> the (input_ids, labels) of the general examples each mitigation drew for the same `data`."""
     drawn = {}
@@ -58,22 +74,26 @@ def drawn_by_each(model, ctx, data: dict, monkeypatch) -> dict:
 @pytest.mark.parametrize("case", ["text", "conversations", "self"])
 def test_the_three_mitigations_draw_the_same_examples_from_the_same_config(case, tokenizer, make_tiny, tmp_path,
                                                                           monkeypatch):
-    from accelerate import Accelerator
-
     monkeypatch.setenv("FORGETTING_CACHE", str(tmp_path / "cache"))
     data = write_sources(tmp_path)[case]
-    model = make_tiny()
-    if case == "self":  # a model that answers the general prompts (an untrained one answers nothing)
-        template = template_for("chatml", tokenizer)
-        lessons = [tokenize_conversation(tokenizer, template, conversation(p, "I like learning."))
-                   for p in general_prompts(2)]
-        model = memorise(model, lessons, tokenizer.pad_token_id, steps=60)
-    ctx = SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=tmp_path / "run",
-                          accelerator=Accelerator(cpu=True), job=SimpleNamespace(data=DataConfig(format="chatml")),
-                          start_step=0)
-    drawn = drawn_by_each(model, ctx, data, monkeypatch)
+    model = answering_model(tokenizer, make_tiny, 2) if case == "self" else make_tiny()
+    drawn = drawn_by_each(model, context(tokenizer, tmp_path / "run"), data, monkeypatch)
     assert sorted(drawn) == ["ewc", "kl_to_base", "replay"]
     assert drawn["ewc"] == drawn["replay"] == drawn["kl_to_base"] and len(drawn["ewc"]) == data["size"]
+
+
+def test_replay_and_kl_to_base_in_one_run_keep_their_own_self_answers(tokenizer, make_tiny, tmp_path, monkeypatch):
+    """Each keeps its answers in its own run file (read back on resume): a 3-answer replay pool written first
+    must not become the pool of a kl_to_base that asked for 2."""
+    monkeypatch.setenv("FORGETTING_CACHE", str(tmp_path / "cache"))
+    model, ctx = answering_model(tokenizer, make_tiny, 3), context(tokenizer, tmp_path / "run")
+    replay = Replay(from_dict(ReplayConfig, {"data": {"size": 3, "max_new_tokens": 8}}))
+    replay.mix_data(list(ctx.examples), model, ctx)
+    kl = KLToBase(from_dict(KLToBaseConfig, {"data": {"size": 2, "max_new_tokens": 8}}))
+    kl.prepare(model, ctx)
+    assert replay.report(model, ctx)["pool"] == 3 and len(kl.pool) == 2
+    files = sorted(p.name for p in ctx.output_dir.glob("*_self.jsonl"))
+    assert files == ["kl_to_base_self.jsonl", "replay_self.jsonl"]
 
 
 def test_each_mitigation_keeps_its_own_defaults_under_a_partial_mapping():
