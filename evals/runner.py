@@ -207,8 +207,9 @@ def _merge(parts: list[dict]) -> dict:
     return merged
 
 
-def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
-    """lm-eval's simple_evaluate on an in-memory model for the given Task objects."""
+def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list, manager: TaskManager) -> dict:
+    """lm-eval's simple_evaluate on an in-memory model for the given Task objects (made by `manager`; without it,
+    simple_evaluate would index all of lm-eval's own tasks again, seconds per call)."""
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
     samples = None
     if settings.subsample:  # lm-eval takes either a limit or explicit document indices, not both
@@ -216,7 +217,7 @@ def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list) -> dict:
                                                       settings.limit) for task in tasks}
     with _without_environment_record():
         output = simple_evaluate(
-            model=lm, tasks=tasks, limit=None if samples else settings.limit, samples=samples,
+            model=lm, tasks=tasks, task_manager=manager, limit=None if samples else settings.limit, samples=samples,
             num_fewshot=settings.num_fewshot, log_samples=True, apply_chat_template=settings.apply_chat_template,
             system_instruction=settings.system_instruction, fewshot_as_multiturn=settings.fewshot_as_multiturn,
             bootstrap_iters=settings.bootstrap_iters, random_seed=settings.seed, numpy_random_seed=settings.seed,
@@ -258,7 +259,7 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
     if missing:
         was_training = model.training
         model.eval()
-        output = run_lm_eval(model, tokenizer, settings, [leaves[name] for name in missing])
+        output = run_lm_eval(model, tokenizer, settings, [leaves[name] for name in missing], manager)
         model.train(was_training)
         for name in missing:
             part = _slice(output, name)
