@@ -1,13 +1,22 @@
-"""The SFT loop: one readable function from config to a trained, saved model.
+"""The SFT loop as a recipe: setup -> resume -> train_loop -> finish, each step a small function.
 
-    tokenizer + data  ->  model (+ mitigations' wrap_model)  ->  optimizer + schedule  ->  resume?
-    for each optimizer step:  micro-batches -> summed response loss / step's target tokens (+ penalties)
-                              -> backward -> clip -> AdamW -> LR schedule -> log / checkpoint
-    -> final checkpoint + summary (+ mitigations' reports)
+    setup(job, accelerator) -> Run      tokenizer + data -> model -> mitigations' wrap_model, mix_data, prepare
+                                        -> optimizer (+ a mitigation's param_groups) + LR schedule + step plan
+    resume(run)                         newest complete checkpoint; metrics.jsonl cut back to its step, or
+                                        started with the held-out loss at step 0
+    train_loop(run, on_step)            with the model patched (packed attention, last layer where logits are
+                                        taken), undone however the loop ends:
+        for step in range(start, total):
+            numbers = train_step(run, step)   micro-batches -> summed response loss / step's target tokens
+                                              (+ penalties) -> backward -> penalty_grad -> clip -> AdamW -> LR
+            log(step, numbers)                `StepLog`: metrics.jsonl, tensorboard, progress bar, on_step
+            maybe_checkpoint(run, step)
+    finish(run) -> TrainResult          mitigations' reports, held-out loss after, final checkpoint + summary
 
 Runs on `accelerate`: `torchrun` / `accelerate launch` give DDP with the same global batch (each process
 takes a share of every step; the loss is normalised by the step's global token count, so the gradient
-equals the one-process gradient). Mitigations plug in through the hooks in `mitigations/registry.py`.
+equals the one-process gradient). Mitigations plug in through the hooks in `mitigations/registry.py`, every
+hook called through its dispatchers (`hook_results`, `chain`).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -166,168 +175,301 @@ def train(job: TrainJob, accelerator=None, on_step=None) -> TrainResult:
 def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
     if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
-    output_dir = Path(job.output_dir)
-    is_main = accelerator.is_main_process
-    if finished_run(job, output_dir):
-        if is_main:
-            print(f"{output_dir} already holds the finished run; nothing to train", flush=True)
-        summary = json.loads((output_dir / "final" / "trainer_state.json").read_text())
-        summary["data"] = DataStats(**summary["data"])
-        summary["final_dir"] = output_dir / "final"
-        return TrainResult(**summary)
-    set_seed(job.train.seed)
+    if finished_run(job, Path(job.output_dir)):
+        return _finished_result(Path(job.output_dir), accelerator.is_main_process)
+    run = setup(job, accelerator)
+    resume(run)
+    train_loop(run, on_step)
+    return finish(run)
 
-    # ---- data: records -> conversations -> tokens with response-only labels
+
+@dataclass
+class Run:
+    """What `setup` builds for one run and the loop reads; the running token counts are the loop's."""
+
+    job: TrainJob
+    accelerator: Any
+    tokenizer: Any
+    examples: list[Example]  # the SFT data after the mitigations' mix_data
+    data_stats: DataStats
+    heldout: list[Example] | None
+    model: Any  # as accelerate prepared it (DDP-wrapped under torchrun)
+    mitigations: list
+    ctx: TrainContext
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps: list[list[int]]  # the example indices of every optimizer step
+    checkpoints: list[tuple[int, Path]]  # (step, directory) of the complete checkpoints, oldest first
+    trainable: list[torch.nn.Parameter]  # what the gradient clipping sees
+    lengths: list[int]  # of each example, in tokens
+    packed: bool = False  # micro-batches packed (decided when the loop starts)
+    padded_tokens: int = 0  # this process's micro-batch tokens so far, padding included
+    real_tokens: int = 0
+    last: StepNumbers | None = None  # the latest step's numbers
+
+    @property
+    def start(self) -> int:
+        return self.ctx.start_step
+
+    @property
+    def output_dir(self) -> Path:
+        return self.ctx.output_dir
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass(frozen=True)
+class StepNumbers:
+    """What one optimizer step measured; the loss is the global one, the padding this process's so far."""
+
+    loss: float
+    lr: float  # the learning rate the step was taken with
+    grad_norm: float  # before clipping
+    tokens: int
+    target_tokens: int
+    seconds: float
+    padding_fraction: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+# ---- setup: data, model and mitigations, optimizer and the step plan
+
+
+def setup(job: TrainJob, accelerator) -> Run:
+    """Everything the loop needs, in an order that keeps runs reproducible (the seed is set first)."""
+    set_seed(job.train.seed)
     tokenizer = load_tokenizer(job.model)
     attach_format(tokenizer, job.data.format)
-    examples, data_stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
-    heldout_config = job.data.heldout()
-    heldout = tokenize_all(load_conversations(heldout_config), tokenizer, heldout_config)[0] if heldout_config else None
-    accelerator.wait_for_everyone()  # every process has checked output_dir before it is written
-    if is_main and not (output_dir / ckpt.CONFIG_NAME).is_file():
-        atomic_write_yaml(output_dir / ckpt.CONFIG_NAME, to_dict(job))
-    if is_main:
-        print(f"data: {data_stats.examples} examples ({data_stats.truncated} truncated, "
-              f"{data_stats.dropped_truncated} dropped: response cut away by max_seq_len={job.data.max_seq_len}); "
-              f"{data_stats.target_tokens} of {data_stats.tokens} tokens are response tokens", flush=True)
-
-    # ---- model and mitigations
+    examples, data_stats, heldout = load_data(job, tokenizer, accelerator)
     model = load_model(job.model, for_training=True, vocab_size=len(tokenizer))  # the same base whatever the seed
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mitigations = build_mitigations(job.mitigations)
-    resumable = ckpt.checkpoint_dirs(output_dir)  # resume from the newest complete checkpoint, if any
-    start = resumable[-1][0] if resumable else 0
-    ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), output_dir, start_step=start)
+    checkpoints = ckpt.checkpoint_dirs(Path(job.output_dir))  # resume from the newest complete one, if any
+    ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), Path(job.output_dir),
+                       start_step=checkpoints[-1][0] if checkpoints else 0)
     model = chain(mitigations, "wrap_model", model, ctx)
     model.to(accelerator.device)
     if job.train.compile:
         compile_model(model, accelerator.device)
     examples = list(chain(mitigations, "mix_data", examples, model, ctx))
     hook_results(mitigations, "prepare", model, ctx)
+    model, optimizer, scheduler, steps = optimization(job, accelerator, model, mitigations, ctx, len(examples))
+    return Run(job, accelerator, tokenizer, examples, data_stats, heldout, model, mitigations, ctx, optimizer,
+               scheduler, steps, checkpoints, trainable=[p for p in model.parameters() if p.requires_grad],
+               lengths=[len(e) for e in examples])
 
-    # ---- optimizer, schedule, the whole step plan
-    if accelerator.num_processes > job.train.batch_size:
-        raise UserError(f"train.batch_size={job.train.batch_size} is smaller than the {accelerator.num_processes} processes")
-    groups = next(iter(hook_results(mitigations, "param_groups", model, ctx)), None)  # at most one (registry)
-    groups = groups or default_param_groups(model, job.train.weight_decay)
-    optimizer = make_optimizer(groups, job.train, accelerator.device)
-    steps = plan_steps(len(examples), job.train.batch_size, job.train.epochs, job.train.max_steps, job.train.seed)
+
+def load_data(job: TrainJob, tokenizer, accelerator) -> tuple[list[Example], DataStats, list[Example] | None]:
+    """Records -> conversations -> tokens with response-only labels, for the SFT data and the held-out split
+    (None without one). The main process writes the run's config beside them and says what the data is."""
+    examples, data_stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
+    heldout_config = job.data.heldout()
+    heldout = tokenize_all(load_conversations(heldout_config), tokenizer, heldout_config)[0] if heldout_config else None
+    accelerator.wait_for_everyone()  # every process has checked output_dir before it is written
+    output_dir = Path(job.output_dir)
+    if accelerator.is_main_process and not (output_dir / ckpt.CONFIG_NAME).is_file():
+        atomic_write_yaml(output_dir / ckpt.CONFIG_NAME, to_dict(job))
+    if accelerator.is_main_process:
+        print(f"data: {data_stats.examples} examples ({data_stats.truncated} truncated, "
+              f"{data_stats.dropped_truncated} dropped: response cut away by max_seq_len={job.data.max_seq_len}); "
+              f"{data_stats.target_tokens} of {data_stats.tokens} tokens are response tokens", flush=True)
+    return examples, data_stats, heldout
+
+
+def optimization(job: TrainJob, accelerator, model, mitigations: list, ctx: TrainContext, n_examples: int):
+    """AdamW over a mitigation's parameter groups (or the default ones), the step plan and the LR schedule;
+    returns (model, optimizer) as accelerate prepared them, the scheduler and the steps."""
     t = job.train
+    if accelerator.num_processes > t.batch_size:
+        raise UserError(f"train.batch_size={t.batch_size} is smaller than the {accelerator.num_processes} processes")
+    groups = next(iter(hook_results(mitigations, "param_groups", model, ctx)), None)  # at most one (registry)
+    optimizer = make_optimizer(groups or default_param_groups(model, t.weight_decay), t, accelerator.device)
+    steps = plan_steps(n_examples, t.batch_size, t.epochs, t.max_steps, t.seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, len(steps), t.warmup_ratio, t.schedule, t.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     accelerator.register_for_checkpointing(scheduler)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, optimizer, scheduler, steps
 
-    # ---- resume from the newest complete checkpoint
-    if resumable:
-        path = resumable[-1][1]
-        accelerator.load_state(str(path / "state"))
-        if is_main:
-            print(f"resuming from {path} (step {start} of {len(steps)})", flush=True)
-    metrics_path = output_dir / "metrics.jsonl"
-    if is_main:
-        keep = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if _logged_step(line) <= start]
-        if heldout is not None and start == 0:
-            keep = [json.dumps({"step": 0, "heldout_loss": heldout_loss(accelerator, model, heldout, tokenizer, t)})]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))
 
-    # ---- the loop
-    lengths = [len(e) for e in examples]
-    pad_id = tokenizer.pad_token_id
-    packed = use_packing(t, accelerator.unwrap_model(model), accelerator.device)
-    restore_attention = packing.enable(accelerator.unwrap_model(model)) if packed else None
+# ---- resume
+
+
+def resume(run: Run) -> None:
+    """Load the newest complete checkpoint, if any, and cut metrics.jsonl back to the step resumed at; a run
+    from step 0 starts it with the held-out loss before training."""
+    if run.checkpoints:
+        path = run.checkpoints[-1][1]
+        run.accelerator.load_state(str(path / "state"))
+        if run.is_main:
+            print(f"resuming from {path} (step {run.start} of {len(run.steps)})", flush=True)
+    if not run.is_main:
+        return
+    lines = run.metrics_path.read_text().splitlines() if run.metrics_path.exists() else []
+    keep = [line for line in lines if _logged_step(line) <= run.start]
+    if run.heldout is not None and run.start == 0:
+        loss = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
+        keep = [json.dumps({"step": 0, "heldout_loss": loss})]
+    atomic_write_text(run.metrics_path, "".join(line + "\n" for line in keep))
+
+
+# ---- the loop
+
+
+def train_loop(run: Run, on_step=None) -> None:
+    """Every optimizer step from `run.start` on, with the model patched for speed only while they run (the
+    patches are undone however the loop ends)."""
+    t = run.job.train
+    model = run.accelerator.unwrap_model(run.model)
+    run.packed = use_packing(t, model, run.accelerator.device)
     # exact: the last layer's MLP and output projection run only where a logit is taken (harness.last_layer)
-    restore_last_layer = last_layer.enable(accelerator.unwrap_model(model))
-    if is_main:
-        print(f"micro-batches: {'packed, no padding' if packed else 'padded'} (train.packing={t.packing}), "
-              f"up to {t.micro_batch_tokens} tokens each", flush=True)
-    progress = _progress_bar(job, is_main, start, len(steps))
-    board = _tensorboard(output_dir) if is_main and t.tensorboard else None
-    padded_total = real_total = 0
-    last_loss = tokens_per_second = None
-    for step in range(start, len(steps)):
-        started = time.perf_counter()
-        step_examples = [examples[i] for i in steps[step]]
-        scale = accelerator.num_processes / max(1, target_tokens(step_examples))  # DDP averages over processes
-        share = rank_share(steps[step], lengths, accelerator.process_index, accelerator.num_processes)
-        step_loss, padded, real = accumulate_gradients(
-            model, accelerator, [examples[j] for j in share], t.micro_batch_tokens, pad_id, scale,
-            lambda: hook_results(mitigations, "penalty", model, ctx), packed=packed)
-        if packed and packing.CALLS["packed"] == 0:
-            raise RunError("train.packing: the model's attention did not go through transformers' attention "
-                           "interface, so packed sequences could see each other; set train.packing=padded")
-        padded_total += padded
-        real_total += real
-        hook_results(mitigations, "penalty_grad", model, ctx)
-        grad_norm = accelerator.clip_grad_norm_(trainable, t.grad_clip or math.inf)
-        step_loss = accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes
-        last_loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
-        if not (math.isfinite(last_loss) and math.isfinite(norm)):
-            raise RunError(f"non-finite loss ({last_loss}) or gradient norm ({norm}) at step {step + 1}; not applied; "
-                           f"the last good checkpoint is kept in {output_dir}; lower train.lr or check the data")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with packing.packed_attention_on(model) if run.packed else nullcontext(), last_layer.only_where_logits(model):
+        if run.is_main:
+            print(f"micro-batches: {'packed, no padding' if run.packed else 'padded'} (train.packing={t.packing}), "
+                  f"up to {t.micro_batch_tokens} tokens each", flush=True)
+        with closing(StepLog(run, on_step)) as log:
+            for step in range(run.start, len(run.steps)):
+                numbers = train_step(run, step)
+                log(step, numbers)
+                maybe_checkpoint(run, step)
 
-        # ---- log, show progress, checkpoint
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(e) for e in step_examples)
-        tokens_per_second = tokens / elapsed
-        if is_main and ((step + 1) % t.log_every == 0 or step + 1 == len(steps)):
-            record = {"step": step + 1, "loss": last_loss, "lr": lr,
-                      "grad_norm": norm, "tokens": tokens,
-                      "target_tokens": target_tokens(step_examples), "tokens_per_s": tokens_per_second,
-                      "padding_fraction": 1 - real_total / max(1, padded_total), "seconds": elapsed}
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if board is not None and key != "step":
-                    board.add_scalar(f"train/{key}", value, step + 1)
-        progress.update(1)
-        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
-                             tok_s=f"{tokens_per_second:.0f}")
-        if on_step is not None and is_main:
-            on_step(step + 1, len(steps), last_loss)
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
-            ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, f"checkpoint-{step + 1:06d}",
-                                 with_state=True, extra={"step": step + 1})
-            if is_main:
-                ckpt.prune_checkpoints(output_dir, max(1, t.keep_checkpoints))
-    progress.close()
-    if board is not None:
-        board.close()
-    restore_last_layer()
-    if restore_attention is not None:
-        restore_attention()
 
-    # ---- finish: reports, final checkpoint, summary
-    padded_total, real_total = accelerator.reduce(torch.tensor([padded_total, real_total], device=accelerator.device),
-                                                  reduction="sum").tolist()
-    reports = {m.name: r for m, r in zip([m for m in mitigations if hasattr(m, "report")],
-                                          hook_results(mitigations, "report", model, ctx))}
-    heldout_losses = None
-    if heldout is not None and is_main:
-        before = json.loads(metrics_path.read_text().splitlines()[0])["heldout_loss"]
-        heldout_losses = {"before": before, "after": heldout_loss(accelerator, model, heldout, tokenizer, t),
-                          "examples": len(heldout), "split": heldout_config.split}
-    result = TrainResult(final_dir=output_dir / "final", steps=len(steps), data=data_stats, last_loss=last_loss,
-                         tokens_per_second=tokens_per_second, padding_fraction=1 - real_total / max(1, padded_total),
-                         heldout_loss=heldout_losses, mitigation_reports=reports)
+def train_step(run: Run, step: int) -> StepNumbers:
+    """One optimizer step: this process's micro-batches (+ penalties), penalty_grad, clip, AdamW, LR schedule.
+    Returns the step's numbers, also kept as `run.last`."""
+    started = time.perf_counter()
+    accelerator, t, model = run.accelerator, run.job.train, run.model
+    step_examples = [run.examples[i] for i in run.steps[step]]
+    scale = accelerator.num_processes / max(1, target_tokens(step_examples))  # DDP averages over processes
+    share = rank_share(run.steps[step], run.lengths, accelerator.process_index, accelerator.num_processes)
+    step_loss, padded, real = accumulate_gradients(
+        model, accelerator, [run.examples[j] for j in share], t.micro_batch_tokens, run.tokenizer.pad_token_id,
+        scale, lambda: hook_results(run.mitigations, "penalty", model, run.ctx), packed=run.packed)
+    if run.packed and packing.CALLS["packed"] == 0:
+        raise RunError("train.packing: the model's attention did not go through transformers' attention "
+                       "interface, so packed sequences could see each other; set train.packing=padded")
+    run.padded_tokens += padded
+    run.real_tokens += real
+    hook_results(run.mitigations, "penalty_grad", model, run.ctx)
+    grad_norm = accelerator.clip_grad_norm_(run.trainable, t.grad_clip or math.inf)
+    step_loss = accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes
+    loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise RunError(f"non-finite loss ({loss}) or gradient norm ({norm}) at step {step + 1}; not applied; "
+                       f"the last good checkpoint is kept in {run.output_dir}; lower train.lr or check the data")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    run.last = StepNumbers(loss=loss, lr=lr, grad_norm=norm, tokens=sum(len(e) for e in step_examples),
+                           target_tokens=target_tokens(step_examples), seconds=seconds,
+                           padding_fraction=1 - run.real_tokens / max(1, run.padded_tokens))
+    return run.last
+
+
+class StepLog:
+    """Where a finished step's numbers go: metrics.jsonl and tensorboard every `train.log_every` steps and at
+    the last, the progress bar and `on_step` at every step (main process)."""
+
+    def __init__(self, run: Run, on_step=None):
+        self.run, self.on_step = run, on_step
+        self.progress = _progress_bar(run.job, run.is_main, run.start, len(run.steps))
+        self.board = _tensorboard(run.output_dir) if run.is_main and run.job.train.tensorboard else None
+
+    def __call__(self, step: int, numbers: StepNumbers) -> None:
+        done, total = step + 1, len(self.run.steps)
+        if self.run.is_main and (done % self.run.job.train.log_every == 0 or done == total):
+            self.write(done, numbers)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{numbers.loss:.4f}", lr=f"{numbers.lr:.2e}",
+                                  tok_s=f"{numbers.tokens_per_s:.0f}")
+        if self.on_step is not None and self.run.is_main:
+            self.on_step(done, total, numbers.loss)
+
+    def write(self, done: int, numbers: StepNumbers) -> None:
+        record = {"step": done, "loss": numbers.loss, "lr": numbers.lr, "grad_norm": numbers.grad_norm,
+                  "tokens": numbers.tokens, "target_tokens": numbers.target_tokens,
+                  "tokens_per_s": numbers.tokens_per_s, "padding_fraction": numbers.padding_fraction,
+                  "seconds": numbers.seconds}
+        with open(self.run.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if self.board is not None and key != "step":
+                self.board.add_scalar(f"train/{key}", value, done)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def maybe_checkpoint(run: Run, step: int) -> None:
+    """Every `train.save_every` steps except the last (the final checkpoint follows): model and resume state."""
+    t, done = run.job.train, step + 1
+    if not t.save_every or done % t.save_every or done == len(run.steps):
+        return
+    ckpt.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.job, run.output_dir, f"checkpoint-{done:06d}",
+                         with_state=True, extra={"step": done})
+    if run.is_main:
+        ckpt.prune_checkpoints(run.output_dir, max(1, t.keep_checkpoints))
+
+
+# ---- finish
+
+
+def finish(run: Run) -> TrainResult:
+    """The mitigations' reports, the held-out loss after training, and the final checkpoint with the summary."""
+    accelerator, model = run.accelerator, run.model
+    padded, real = accelerator.reduce(torch.tensor([run.padded_tokens, run.real_tokens], device=accelerator.device),
+                                      reduction="sum").tolist()
+    reporting = [m.name for m in run.mitigations if hasattr(m, "report")]
+    reports = dict(zip(reporting, hook_results(run.mitigations, "report", model, run.ctx), strict=True))
+    result = TrainResult(final_dir=run.output_dir / "final", steps=len(run.steps), data=run.data_stats,
+                         last_loss=run.last.loss if run.last else None,
+                         tokens_per_second=run.last.tokens_per_s if run.last else None,
+                         padding_fraction=1 - real / max(1, padded), heldout_loss=_heldout_losses(run),
+                         mitigation_reports=reports)
     summary = {k: v for k, v in asdict(result).items() if k != "final_dir"}
     extra_models = {}
-    for part in hook_results(mitigations, "export", accelerator.unwrap_model(model), ctx):
+    for part in hook_results(run.mitigations, "export", accelerator.unwrap_model(model), run.ctx):
         extra_models.update(part)
-    ckpt.save_checkpoint(accelerator, model, tokenizer, job, output_dir, "final", with_state=False, extra=summary,
-                         extra_models=extra_models)
-    if is_main:
-        ckpt.prune_checkpoints(output_dir, t.keep_checkpoints)
+    ckpt.save_checkpoint(accelerator, model, run.tokenizer, run.job, run.output_dir, "final", with_state=False,
+                         extra=summary, extra_models=extra_models)
+    if run.is_main:
+        ckpt.prune_checkpoints(run.output_dir, run.job.train.keep_checkpoints)
     return result
+
+
+def _heldout_losses(run: Run) -> dict | None:
+    """The held-out loss before (metrics.jsonl's first line) and after training; on the main process only."""
+    if run.heldout is None or not run.is_main:
+        return None
+    before = json.loads(run.metrics_path.read_text().splitlines()[0])["heldout_loss"]
+    after = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
+    return {"before": before, "after": after, "examples": len(run.heldout), "split": run.job.data.eval_split}
+
+
+def _finished_result(output_dir: Path, is_main: bool) -> TrainResult:
+    """The result of the finished run in `output_dir`, read back from its final checkpoint."""
+    if is_main:
+        print(f"{output_dir} already holds the finished run; nothing to train", flush=True)
+    summary = json.loads((output_dir / "final" / "trainer_state.json").read_text())
+    summary["data"] = DataStats(**summary["data"])
+    summary["final_dir"] = output_dir / "final"
+    return TrainResult(**summary)
 
 
 def _logged_step(line: str) -> float:
