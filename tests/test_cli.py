@@ -81,6 +81,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow  # several processes, each importing torch, transformers and lm-eval
 def test_config_prints_resolved_yaml_and_reference():
     result = run_cli("config", "train.lr=3e-5")
     assert result.returncode == 0 and "lr: 3.0e-05" in result.stdout
@@ -102,6 +103,7 @@ def test_data_command_shows_the_mask():
     assert "records 3, examples 3" in result.stdout and "[<|im_end|>]" in result.stdout
 
 
+@pytest.mark.slow  # several processes, each importing torch, transformers and lm-eval
 def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tokenizer):
     from harness.models import tiny_model
 
