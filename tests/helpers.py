@@ -1,4 +1,5 @@
-"""Plain helpers shared by the test files: job builders, config files, tokenizers and losses for tiny models."""
+"""Plain helpers shared by the test files: job builders, files, tokenizers, examples, and losses, gradients and
+training by hand for tiny models."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from harness.batching import collate
+from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
 from harness.job import TrainJob, load_job
 from harness.loss import summed_response_loss
 
@@ -68,3 +71,45 @@ def loss_and_grads(model, *batches) -> tuple[torch.Tensor, dict[str, torch.Tenso
     total = sum(summed_response_loss(model, batch) for batch in batches)
     total.backward()
     return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def write_general_text(tmp_path: Path) -> Path:
+    """Four short paragraphs of general text (a replay or KL source) in tmp_path/general.txt."""
+    path = tmp_path / "general.txt"
+    path.write_text("The sun is a star.\n\nWater boils at one hundred degrees.\n\nCats are mammals.\n\n"
+                    "Paris is in France.\n")
+    return path
+
+
+def examples_for(tokenizer, count: int = 6) -> list[Example]:
+    """Up to six short question-answer conversations in ChatML, tokenized."""
+    template = template_for("chatml", tokenizer)
+    texts = [("Name a fruit.", "Apple."), ("Say hi.", "Hi there!"), ("Count to three.", "1 2 3"),
+             ("Colour of the sky?", "Blue."), ("Opposite of up?", "Down."), ("Two plus two?", "Four.")]
+    return [tokenize_conversation(tokenizer, template, conversation(q, a)) for q, a in texts[:count]]
+
+
+def reference_fisher(model, examples) -> list[torch.Tensor]:
+    """Independent computation: full logits, explicit masking, one autograd.grad per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for example in examples:
+        ids = torch.tensor([example.input_ids])
+        logits = model(input_ids=ids).logits[0, :-1]
+        targets = torch.tensor(example.labels[1:])
+        mask = targets != IGNORE_INDEX
+        loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+        for t, g in zip(total, torch.autograd.grad(loss, params), strict=True):
+            t += g * g
+    return [t / len(examples) for t in total]
+
+
+def memorise(model, examples, pad_id, steps=150):
+    """Train `model` on one batch of `examples` with Adam until it has learned them by heart; return it."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = collate(examples, pad_id)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        summed_response_loss(model, batch).backward()
+        optimizer.step()
+    return model

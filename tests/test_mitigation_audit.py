@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
 from mitigations.ewc import EWC, EWCConfig
 from mitigations.general_data import GeneralData
-from tests.conftest import conversation
-from tests.test_mitigations import examples_for, job, memorise, reference_fisher, write_general_text
+from tests.helpers import conversation, examples_for, memorise, reference_fisher, write_general_text
+from tests.test_mitigations import job
 
 
 def ctx_for(tokenizer, examples, output_dir):

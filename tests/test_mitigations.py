@@ -11,19 +11,17 @@ from safetensors.torch import load_file
 from harness.batching import collate
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
-from harness.job import load_job
 from harness.train import train
 from mitigations.ewc import EWC, EWCConfig, estimate_fisher
 from mitigations.general_data import GeneralData
 from mitigations.l2sp import L2SP, L2SPConfig
 from mitigations.replay import fill_quota
-from tests.conftest import conversation
+from tests.helpers import conversation, examples_for, memorise, reference_fisher, tiny_job, write_general_text
 
 
 def job(tmp_path, *overrides, name="run"):
-    base = ["model.name_or_path=tiny-random", "data.limit=32", "train.batch_size=8", "train.lr=1e-3",
-            "train.max_steps=2", "train.progress=false", "train.warmup_ratio=0", f"output_dir={tmp_path / name}"]
-    return load_job(None, base + list(overrides))
+    """A tiny-random job over 32 examples, without warmup."""
+    return tiny_job(tmp_path, "data.limit=32", "train.warmup_ratio=0", *overrides, name=name)
 
 
 def final_weights(result) -> dict:
@@ -40,13 +38,6 @@ CASES = {  # name -> (mitigations override, check(result, start_state, tmp_path)
     "kl_to_base": ("[{name: kl_to_base, strength: 1.0, data: {source: REPLAY_TXT}, batch_size: 2}]", "kl_to_base"),
     "wise_ft": ("[{name: wise_ft, alphas: [0.0, 0.5, 1.0]}]", "wise_ft"),
 }
-
-
-def write_general_text(tmp_path):
-    path = tmp_path / "general.txt"
-    path.write_text("The sun is a star.\n\nWater boils at one hundred degrees.\n\nCats are mammals.\n\n"
-                    "Paris is in France.\n")
-    return path
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -101,28 +92,6 @@ def test_lora_merge_on_export_saves_a_merged_model(tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight" in merged and not any("lora_" in k for k in merged)
 
 
-def examples_for(tokenizer, count=6):
-    template = template_for("chatml", tokenizer)
-    texts = [("Name a fruit.", "Apple."), ("Say hi.", "Hi there!"), ("Count to three.", "1 2 3"),
-             ("Colour of the sky?", "Blue."), ("Opposite of up?", "Down."), ("Two plus two?", "Four.")]
-    return [tokenize_conversation(tokenizer, template, conversation(q, a)) for q, a in texts[:count]]
-
-
-def reference_fisher(model, examples) -> list[torch.Tensor]:
-    """Independent computation: full logits, explicit masking, one autograd.grad per example."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    for example in examples:
-        ids = torch.tensor([example.input_ids])
-        logits = model(input_ids=ids).logits[0, :-1]
-        targets = torch.tensor(example.labels[1:])
-        mask = targets != IGNORE_INDEX
-        loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
-        for t, g in zip(total, torch.autograd.grad(loss, params)):
-            t += g * g
-    return [t / len(examples) for t in total]
-
-
 def test_fisher_is_the_mean_of_per_example_squared_gradients(tokenizer, make_tiny):
     model = make_tiny()
     examples = examples_for(tokenizer)
@@ -141,18 +110,6 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(tokenizer, make_tin
     squared_mean = sum(float((p.grad ** 2).sum()) for p in model.parameters())
     assert squared_mean < 0.8 * sum(float(f.sum()) for f in fisher)
     assert batch["input_ids"].shape[0] == len(examples)
-
-
-def memorise(model, examples, pad_id, steps=150):
-    from harness.loss import summed_response_loss
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    batch = collate(examples, pad_id)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        summed_response_loss(model, batch).backward()
-        optimizer.step()
-    return model
 
 
 def test_sampled_fisher_differs_from_empirical_where_the_model_disagrees_with_the_labels(tokenizer, make_tiny):
