@@ -7,11 +7,11 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
 
 from harness.cli import main
 from harness.errors import UserError
 from harness.experiment import load_experiment, units
+from tests.helpers import write
 
 TASKS = ["forgetting_knowledge", "forgetting_target", "forgetting_prose", "forgetting_ifeval"]
 
@@ -34,19 +34,13 @@ def experiment(tmp_path, **changes) -> dict:
     return config
 
 
-def write(tmp_path, config: dict, name: str = "exp.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 def test_units_expand_sweeps_and_seeds_with_each_jobs_settings(tmp_path):
     config = experiment(tmp_path, seeds=[0, 3], strategies=[
         {"name": "low", "overrides": {"train.lr": 1.0e-5}},
         {"name": "mix", "mitigations": [{"name": "replay", "data": {"source": "self"}}],
          "sweep": {"replay.ratio": [0.1, 0.3], "data.format": ["chatml", "alpaca"]}},
         {"name": "size", "sweep": {"data.limit": [8, 16]}}])
-    found = units(load_experiment(str(write(tmp_path, config))))
+    found = units(load_experiment(str(write(tmp_path, "exp.yaml", config))))
     assert [u.id for u in found[:2]] == ["low__seed0", "low__seed3"]
     assert found[0].job.train.lr == 1e-5 and found[1].job.train.seed == 3
     mix = [u for u in found if u.family == "mix"]
@@ -62,7 +56,7 @@ def test_a_sweep_axis_reaches_a_nested_general_data_knob(tmp_path):
         {"name": "kl", "mitigations": [{"name": "kl_to_base", "data": {"source": "general.txt"}}],
          "sweep": {"kl_to_base.data.size": [4, 8]}},
         {"name": "ewc", "mitigations": [{"name": "ewc"}], "sweep": {"ewc.data.max_new_tokens": [16]}}])
-    found = units(load_experiment(str(write(tmp_path, config))))
+    found = units(load_experiment(str(write(tmp_path, "exp.yaml", config))))
     assert [u.strategy for u in found] == ["kl[size=4]", "kl[size=8]", "ewc[max_new_tokens=16]"]
     assert [u.job.mitigations[0]["data"] for u in found] == [
         {"source": "general.txt", "size": 4}, {"source": "general.txt", "size": 8}, {"max_new_tokens": 16}]
@@ -90,7 +84,7 @@ BAD_EXPERIMENTS = [
 
 @pytest.mark.parametrize("change,message", BAD_EXPERIMENTS, ids=[m for _, m in BAD_EXPERIMENTS])
 def test_bad_experiments_fail_before_anything_is_written(tmp_path, capsys, change, message):
-    path = write(tmp_path, experiment(tmp_path, **change))
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path, **change))
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -101,7 +95,7 @@ def test_bad_experiments_fail_before_anything_is_written(tmp_path, capsys, chang
 def finished(tmp_path_factory):
     """The tiny experiment run once (5 units, one of them with WiSE-FT points)."""
     tmp_path = tmp_path_factory.mktemp("exp")
-    path = write(tmp_path, experiment(tmp_path))
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path))
     assert main(["run", str(path)]) == 0
     return tmp_path, path
 
@@ -158,7 +152,7 @@ def test_an_interrupted_unit_continues_from_its_checkpoint(finished, capsys):
 
     tmp_path, _ = finished
     config = experiment(tmp_path, output_dir=str(tmp_path / "run2"), strategies=[{"name": "naive"}])
-    path2 = write(tmp_path, config, "exp2.yaml")
+    path2 = write(tmp_path, "exp2.yaml", config)
     assert main(["run", str(path2)]) == 0
     unit = tmp_path / "run2" / "units" / "naive__seed0"
     weights = (unit / "train" / "final" / "model.safetensors").read_bytes()
@@ -199,7 +193,7 @@ def test_an_experiment_saved_before_a_knob_existed_resumes(finished, capsys):
 def test_a_failing_unit_is_marked_and_the_others_go_on(tmp_path, capsys):
     config = experiment(tmp_path, strategies=[{"name": "explode", "overrides": {"train.lr": 1.0e+30}},
                                               {"name": "naive"}])
-    assert main(["run", str(write(tmp_path, config))]) == 0
+    assert main(["run", str(write(tmp_path, "exp.yaml", config))]) == 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["units"]["explode__seed0"]["status"] == "failed"
     assert "non-finite" in manifest["units"]["explode__seed0"]["error"]
@@ -210,17 +204,17 @@ def test_a_failing_unit_is_marked_and_the_others_go_on(tmp_path, capsys):
 
 
 def test_quick_preset_shrinks_any_experiment(tmp_path):
-    exp = load_experiment(str(write(tmp_path, experiment(tmp_path, seeds=[5, 6]))), quick=True)
+    exp = load_experiment(str(write(tmp_path, "exp.yaml", experiment(tmp_path, seeds=[5, 6]))), quick=True)
     assert exp.train.max_steps == 2 and exp.eval.limit == 8 and exp.eval.subsample == {} and exp.seeds == [5]
     assert exp.output_dir.endswith("run-quick")
     with pytest.raises(UserError, match="seeds"):
-        load_experiment(str(write(tmp_path, experiment(tmp_path, seeds=[]))))
+        load_experiment(str(write(tmp_path, "exp.yaml", experiment(tmp_path, seeds=[]))))
 
 
 def test_units_with_different_precisions_run_in_one_process(tmp_path, capsys):
     config = experiment(tmp_path, strategies=[{"name": "fp32"}, {"name": "bf16", "overrides": {"train.precision": "bf16"}}],
                         eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
-    assert main(["run", str(write(tmp_path, config))]) == 0
+    assert main(["run", str(write(tmp_path, "exp.yaml", config))]) == 0
     out = capsys.readouterr().out  # one progress line per unit and phase, with the time left
     for line in ("[base]: evaluating the base model tiny-random", "[1/2] fp32__seed0: training",
                  "[2/2] bf16__seed0: training step 2/2", "[2/2] bf16__seed0: evaluating final"):
@@ -235,7 +229,7 @@ def test_malformed_data_fails_before_the_run_directory_is_written(tmp_path, caps
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n')
     config = experiment(tmp_path, data={"path": str(broken)})
-    assert main(["run", str(write(tmp_path, config))]) == 2
+    assert main(["run", str(write(tmp_path, "exp.yaml", config))]) == 2
     assert f"{broken}:2: malformed JSON" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -245,7 +239,7 @@ def test_resuming_on_changed_data_is_refused(tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(8)))
     config = experiment(tmp_path, data={"path": str(data), "max_seq_len": 64}, strategies=[{"name": "naive"}],
                         eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
-    path = write(tmp_path, config)
+    path = write(tmp_path, "exp.yaml", config)
     assert main(["run", str(path)]) == 0
     data.write_text(data.read_text().replace("a7", "changed"))
     manifest = (tmp_path / "run" / "manifest.json").read_text()

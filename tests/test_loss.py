@@ -11,7 +11,7 @@ from harness.batching import collate, target_tokens
 from harness.formats import FORMAT_NAMES, IGNORE_INDEX, template_for, tokenize_conversation
 from harness.loss import summed_response_loss
 from harness.train import accumulate_gradients
-from tests.conftest import conversation
+from tests.helpers import conversation
 
 CONVERSATIONS = [
     conversation("What is the capital of France?", "Paris."),

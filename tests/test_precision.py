@@ -13,7 +13,7 @@ from harness.errors import UserError
 from harness.models import pick_dtype
 from harness.precision import cpu_bf16, resolve_eval_dtype, resolve_precision
 from harness.train import train
-from tests.test_train import job
+from tests.helpers import tiny_job as job
 
 
 @pytest.fixture
