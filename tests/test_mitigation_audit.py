@@ -54,15 +54,15 @@ def test_cut_rehearsal_answers_get_no_loss_on_the_end_marker(tokenizer, make_tin
     assert counts["answers_cut"] == 3 and [e.labels for e in again] == [e.labels for e in cut]
 
 
-def test_plain_text_cut_by_max_seq_len_gets_no_end_marker(tokenizer):
+def test_plain_text_cut_by_max_seq_len_gets_no_end_marker(byte_tokenizer):
     from mitigations.general_data import text_example
 
     text = "The sun is a star and the moon is not a star at all, whatever people say."
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cut = text_example(tokenizer, text, 8)
+    ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = text_example(byte_tokenizer, text, 8)
     assert cut.input_ids == ids[:8] and cut.labels == ids[:8]
-    whole = text_example(tokenizer, text, len(ids) + 1)
-    assert whole.input_ids == ids + [tokenizer.eos_token_id]
+    whole = text_example(byte_tokenizer, text, len(ids) + 1)
+    assert whole.input_ids == ids + [byte_tokenizer.eos_token_id]
 
 
 # ---- 2. online EWC with normalisation: raw Fisher saved, normalised after combining
@@ -99,25 +99,25 @@ def loss_tokens(e: Example) -> int:  # what the loss counts: labelled positions 
     return sum(label != IGNORE_INDEX for label in e.labels[1:])
 
 
-def test_replay_by_target_tokens_meets_the_ratio_of_loss_tokens(tokenizer):
+def test_replay_by_target_tokens_meets_the_ratio_of_loss_tokens(byte_tokenizer):
     from mitigations.replay import ReplayConfig, fill_quota
 
     assert ReplayConfig().by == "target_tokens"
-    pool = conversations_of(tokenizer, [3, 9, 27, 40, 5], "blue")
-    sft = conversations_of(tokenizer, [2, 4, 30] * 10, "red")
+    pool = conversations_of(byte_tokenizer, [3, 9, 27, 40, 5], "blue")
+    sft = conversations_of(byte_tokenizer, [2, 4, 30] * 10, "red")
     for ratio in (0.1, 0.3, 0.5):
         extra = fill_quota(pool, sft, ratio, "target_tokens", random.Random(0))
         replayed, total = sum(map(loss_tokens, extra)), sum(map(loss_tokens, extra + sft))
         assert abs(replayed / total - ratio) <= max(map(loss_tokens, pool)) / total
 
 
-def test_replay_report_records_the_realised_share_by_every_measure(tokenizer, tmp_path):
+def test_replay_report_records_the_realised_share_by_every_measure(byte_tokenizer, tmp_path):
     from mitigations.replay import Replay, ReplayConfig
 
-    sft = conversations_of(tokenizer, [2, 4, 30] * 10, "red")
+    sft = conversations_of(byte_tokenizer, [2, 4, 30] * 10, "red")
     source = write_general_text(tmp_path)
     replay = Replay(ReplayConfig(ratio=0.3, data=GeneralData(source=str(source), size=4)))
-    mixed = replay.mix_data(sft, None, SimpleNamespace(tokenizer=tokenizer, output_dir=tmp_path))
+    mixed = replay.mix_data(sft, None, SimpleNamespace(tokenizer=byte_tokenizer, output_dir=tmp_path))
     extra = mixed[len(sft):]
     share = replay.report(None, None)["share"]
     for measure, of in (("examples", lambda e: 1), ("tokens", len), ("target_tokens", loss_tokens)):

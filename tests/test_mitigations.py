@@ -210,12 +210,12 @@ def test_replay_quota_is_met_and_deterministic():
     assert fill_quota(pool, sft, 0.0, "tokens", random.Random(0)) == []
 
 
-def test_plain_text_replay_gets_full_sequence_labels(tokenizer, tmp_path):
+def test_plain_text_replay_gets_full_sequence_labels(byte_tokenizer, tmp_path):
     from mitigations.general_data import read_texts, text_example
 
     (tmp_path / "general.txt").write_text("The sun is a star.\n\nWater is wet.\n")
     texts = read_texts(str(tmp_path / "general.txt"), "train", "text", 10)
-    example = text_example(tokenizer, texts[0], 64)
+    example = text_example(byte_tokenizer, texts[0], 64)
     assert texts == ["The sun is a star.", "Water is wet."]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
@@ -223,7 +223,7 @@ def test_plain_text_replay_gets_full_sequence_labels(tokenizer, tmp_path):
     (tmp_path / "list.json").write_text('[{"text": "a"}, {"body": "b"}]')
     with pytest.raises(UserError, match=r"list\.json: record 2: general data text field 'text' missing"):
         read_texts(str(tmp_path / "list.json"), "train", "text", 10)
-    assert example.labels == example.input_ids and example.input_ids[-1] == tokenizer.eos_token_id
+    assert example.labels == example.input_ids and example.input_ids[-1] == byte_tokenizer.eos_token_id
 
 
 def test_self_rehearsal_answers_come_from_the_model(tokenizer, make_tiny, tmp_path):
