@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from harness.batching import collate
 from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
@@ -15,6 +17,13 @@ from harness.loss import summed_response_loss
 
 # the byte tokenizer's special tokens, spelled as the embedded model's tokenizer spells them
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# what the byte tokenizer learns its merges from: the formats' words and a few sentences
+TOKENIZER_CORPUS = [
+    "user assistant system Human: Assistant: ### Instruction: ### Response: Below is an instruction that describes "
+    "a task. Write a response that appropriately completes the request.",
+    "What is the capital of France? Paris is in France. Name a colour. Blue. Another one? Green, or maybe red.",
+    "The sun is a star. Water boils at one hundred degrees. Cats are mammals. Count to five: 1 2 3 4 5.",
+]
 # a ChatML template with a default system turn, the layout of the embedded model's own template
 BYTE_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -48,19 +57,18 @@ def write(directory: Path, name: str, content: str | dict) -> Path:
 
 
 def byte_tokenizer():
-    """A tokenizer with one token per byte plus the ChatML special tokens (259 in all) and a chat template.
+    """A byte-level BPE tokenizer like the embedded model's (GPT-2 pre-tokenization, ChatML special tokens, a chat
+    template), with 400 tokens learned from a few sentences in memory: tests of formats and data need no model files.
 
-    Built in memory with the `tokenizers` library: tests of formats and data need no model files. Every text
-    round-trips through encode and decode; ids 1 and 2 are BOS and EOS, as `harness.models.tiny_model` expects.
+    Every text round-trips through encode and decode; common words are one token, rare ones several. Ids 1 and 2 are
+    BOS and EOS, as `harness.models.tiny_model` expects. Training on a fixed corpus gives the same tokenizer each time.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    model = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate([*SPECIALS, *alphabet])}, merges=[]))
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
-    model.add_special_tokens(list(SPECIALS))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    model.train_from_iterator(TOKENIZER_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<|endoftext|>", bos_token="<|im_start|>",
                                    eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=BYTE_CHAT_TEMPLATE)
 
