@@ -52,8 +52,8 @@ def builtin_examples(fresh_tokenizer):
 
 @pytest.fixture
 def byte_tokenizer():
-    """A new byte-level tokenizer with ChatML special tokens and a chat template (built in memory; a test may
-    change it)."""
+    """A new small byte-level BPE tokenizer with ChatML special tokens and a chat template (built in memory, see
+    tests/helpers.py; a test may change it)."""
     return build_byte_tokenizer()
 
 
