@@ -21,8 +21,7 @@ from mitigations.general_data import GeneralData
 from mitigations.kl_to_base import KLToBase, KLToBaseConfig
 from mitigations.rehearsal import general_prompts
 from mitigations.replay import Replay, ReplayConfig
-from tests.conftest import conversation
-from tests.test_mitigations import examples_for, memorise
+from tests.helpers import conversation, examples_for, memorise
 
 
 def write_sources(tmp_path) -> dict:

@@ -10,6 +10,7 @@ from harness.errors import UserError
 from harness.job import load_job
 from harness.train import train
 from mitigations import REGISTRY, build_mitigations, chain, register_mitigation, validate_specs
+from tests.helpers import tiny_job
 
 
 @dataclass
@@ -122,9 +123,8 @@ def test_chain_passes_each_output_to_the_next_in_order(taggers):
 
 
 def test_the_loop_chains_wrap_model_and_mix_data_in_config_order(tmp_path, taggers):
-    job = load_job(None, ["model.name_or_path=tiny-random", "data.limit=8", "train.batch_size=4", "train.max_steps=1",
-                          "train.progress=false", "mitigations=[{name: second}, {name: first}]",
-                          f"output_dir={tmp_path / 'run'}"])
+    job = tiny_job(tmp_path, "data.limit=8", "train.batch_size=4", "train.max_steps=1", "train.lr=2e-5",
+                   "mitigations=[{name: second}, {name: first}]")
     train(job)
     assert taggers.seen == [("second", "wrap_model", ()), ("first", "wrap_model", ("second",)),
                             ("second", "mix_data", 8, ("second", "first")),

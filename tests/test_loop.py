@@ -10,9 +10,9 @@ import torch
 from harness import last_layer
 from harness.configlib import knob
 from harness.errors import RunError
-from harness.job import load_job
 from harness.train import train
 from mitigations import REGISTRY, register_mitigation
+from tests.helpers import tiny_job
 
 
 @dataclass
@@ -55,9 +55,8 @@ def _patches(model) -> dict:
 
 
 def test_a_run_error_mid_loop_leaves_the_model_unpatched(tmp_path, break_at):
-    job = load_job(None, ["model.name_or_path=tiny-random", "data.limit=8", "train.batch_size=4", "train.max_steps=3",
-                          "train.packing=packed", "train.progress=false", "mitigations=[{name: break_at, step: 2}]",
-                          f"output_dir={tmp_path / 'run'}"])
+    job = tiny_job(tmp_path, "data.limit=8", "train.batch_size=4", "train.max_steps=3", "train.lr=2e-5",
+                   "train.packing=packed", "mitigations=[{name: break_at, step: 2}]")
     with pytest.raises(RunError, match="non-finite loss.*at step 2"):
         train(job)
     model, = break_at.models
