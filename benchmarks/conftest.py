@@ -29,14 +29,19 @@ def results():
     steps = RESULTS.get("steps")
     if not steps:
         return
-    lines = ["", "| system | tokens/s | s/step | padding | MFU (6N) | executed-FLOP util. | ours / this |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| system | tokens/s | s/step | padding | MFU (6N) | executed-FLOP util. | ours / this |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in sorted(steps.items(), key=lambda item: item[0].split()[-1]):
         ours = steps.get(f"ours {name.split()[-1]}", {}).get("tokens_per_s")
         ratio = f"{ours / row['tokens_per_s']:.2f}" if ours else ""
-        lines.append(f"| {name} | {row['tokens_per_s']:.0f} | {row['seconds_per_step']:.2f} | "
-                     f"{row['padding_fraction']:.1%} | {row.get('mfu', 0):.0%} | "
-                     f"{row.get('executed_flop_utilisation', 0):.0%} | {ratio} |")
+        lines.append(
+            f"| {name} | {row['tokens_per_s']:.0f} | {row['seconds_per_step']:.2f} | "
+            f"{row['padding_fraction']:.1%} | {row.get('mfu', 0):.0%} | "
+            f"{row.get('executed_flop_utilisation', 0):.0%} | {ratio} |"
+        )
     peaks = RESULTS.get("peak", {})
     lines.append("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
     print("\n".join(lines))

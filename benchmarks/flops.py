@@ -40,8 +40,11 @@ def step_flops(model, step) -> dict[str, float]:
     config = model.config
     total = sum(p.numel() for p in model.parameters())
     head = config.vocab_size * config.hidden_size
-    body = sum(m.weight.numel() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    body = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    )
     # attention scores and weighted values: 2 matmuls of (T x T x d) per layer forward, x3 with backward;
     # padded rows: every query against every key of the row (the CPU kernels do not skip masked blocks);
     # packed rows: each sequence against itself
@@ -51,8 +54,8 @@ def step_flops(model, step) -> dict[str, float]:
         from harness.last_layer import last_decoder_layer
 
         layer = last_decoder_layer(model)
-        tail = sum(m.weight.numel() for m in [*layer.mlp.modules(), layer.self_attn.o_proj]
-                   if isinstance(m, torch.nn.Linear))
+        tail = sum(
+            m.weight.numel() for m in [*layer.mlp.modules(), layer.self_attn.o_proj] if isinstance(m, torch.nn.Linear)
+        )
         executed -= 6 * tail * step.tail_skipped
     return {"model_flops_6n": 6 * total * step.tokens, "executed_flops": float(executed)}
-

@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     from benchmarks.systems import embedded_setup, make_step
 
     setup = synthetic_setup(args.seq_len, args.batch) if args.seq_len else embedded_setup()
-    step = make_step(args.system, setup, args.precision, lora=args.lora,
-                     gradient_checkpointing=args.gradient_checkpointing)
+    step = make_step(
+        args.system, setup, args.precision, lora=args.lora, gradient_checkpointing=args.gradient_checkpointing
+    )
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     before = rss_mb("VmRSS")
@@ -74,9 +75,18 @@ def main(argv=None) -> int:
         step.run()
         times.append(time.perf_counter() - started)
     peak = rss_mb("VmHWM")
-    print(json.dumps({"rss_before_mb": before, "peak_rss_mb": peak, "step_memory_mb": peak - before,
-                      "seconds_per_step": statistics.median(times[1:] or times), "tokens": step.tokens,
-                      "padded": step.padded}))
+    print(
+        json.dumps(
+            {
+                "rss_before_mb": before,
+                "peak_rss_mb": peak,
+                "step_memory_mb": peak - before,
+                "seconds_per_step": statistics.median(times[1:] or times),
+                "tokens": step.tokens,
+                "padded": step.padded,
+            }
+        )
+    )
     return 0
 
 

@@ -58,19 +58,34 @@ def lora_config():
     from mitigations.lora import ALL_LINEAR, LoraMitigationConfig
 
     ours = LoraMitigationConfig()
-    return LoraConfig(r=ours.r, lora_alpha=ours.alpha, lora_dropout=ours.dropout, target_modules=ALL_LINEAR,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=ours.r, lora_alpha=ours.alpha, lora_dropout=ours.dropout, target_modules=ALL_LINEAR, task_type="CAUSAL_LM"
+    )
 
 
-def make_step(system: str, setup, precision: str = "fp32", lora: bool = False,
-              gradient_checkpointing: bool = False, compile: bool = False) -> Step:
+def make_step(
+    system: str,
+    setup,
+    precision: str = "fp32",
+    lora: bool = False,
+    gradient_checkpointing: bool = False,
+    compile: bool = False,
+) -> Step:
     """One optimizer step of `system`; `compile` runs its model through torch.compile (the first call compiles)."""
     builders = {"ours": _ours, "hf_trainer": _hf_trainer, "trl": _trl}
     return builders[system](setup, precision, lora, gradient_checkpointing, compile)
 
 
-def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bool = True,
-                 micro_batch_tokens: int = 1 << 20, penalty=None, penalty_grad=None) -> Callable[[], None]:
+def harness_step(
+    model,
+    tokenizer,
+    examples,
+    precision: str = "fp32",
+    packed: bool = True,
+    micro_batch_tokens: int = 1 << 20,
+    penalty=None,
+    penalty_grad=None,
+) -> Callable[[], None]:
     """One optimizer step of this harness's loop on `model` (its trainable parameters; AdamW, clipping).
 
     `penalty(model, ctx)` / `penalty_grad(model, ctx)` are mitigation hooks as the training loop calls them.
@@ -96,8 +111,16 @@ def harness_step(model, tokenizer, examples, precision: str = "fp32", packed: bo
 
     def run():
         with autocast(precision):
-            accumulate_gradients(model, accelerator, examples, micro_batch_tokens, tokenizer.pad_token_id, scale,
-                                 penalties, packed=packed)
+            accumulate_gradients(
+                model,
+                accelerator,
+                examples,
+                micro_batch_tokens,
+                tokenizer.pad_token_id,
+                scale,
+                penalties,
+                packed=packed,
+            )
         if penalty_grad is not None:
             penalty_grad(model, None)
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -150,9 +173,20 @@ def _trainer_step(trainer, batch, num_items, precision) -> Callable[[], None]:
 
 
 def _common_args(gradient_checkpointing):
-    return dict(output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=BATCH, learning_rate=1e-5,
-                bf16=False, fp16=False, gradient_checkpointing=gradient_checkpointing, report_to=[], use_cpu=True,
-                max_grad_norm=1.0, save_strategy="no", dataloader_num_workers=0, optim="adamw_torch_fused")
+    return dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-5,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=gradient_checkpointing,
+        report_to=[],
+        use_cpu=True,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        optim="adamw_torch_fused",
+    )
 
 
 def _hf_trainer(setup, precision, lora, gradient_checkpointing, compile) -> Step:
@@ -175,8 +209,14 @@ def _hf_trainer(setup, precision, lora, gradient_checkpointing, compile) -> Step
     batch = next(iter(trainer.get_train_dataloader()))
     num_items = int((batch["labels"][:, 1:] != -100).sum())
     ids = batch["input_ids"]
-    return Step(_trainer_step(trainer, batch, num_items, precision), int(batch["attention_mask"].sum()),
-                ids.numel(), ids.shape[0], ids.numel(), ids.shape[0] * ids.shape[1] ** 2)
+    return Step(
+        _trainer_step(trainer, batch, num_items, precision),
+        int(batch["attention_mask"].sum()),
+        ids.numel(),
+        ids.shape[0],
+        ids.numel(),
+        ids.shape[0] * ids.shape[1] ** 2,
+    )
 
 
 def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
@@ -186,13 +226,21 @@ def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     from harness import builtin_task
 
     tokenizer, _, base = setup
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "completion": [{"role": "assistant", "content": r["response"]}]}
-            for r in builtin_task.records("train")[:BATCH]]
-    args = SFTConfig(**_common_args(gradient_checkpointing), completion_only_loss=True, max_length=256,
-                     packing=False)
-    trainer = SFTTrainer(model=copy.deepcopy(base), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=lora_config() if lora else None)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": [{"role": "assistant", "content": r["response"]}],
+        }
+        for r in builtin_task.records("train")[:BATCH]
+    ]
+    args = SFTConfig(**_common_args(gradient_checkpointing), completion_only_loss=True, max_length=256, packing=False)
+    trainer = SFTTrainer(
+        model=copy.deepcopy(base),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config() if lora else None,
+    )
     if compile:
         trainer.model.compile()
     trainer.create_optimizer()
@@ -200,5 +248,11 @@ def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     mask = batch.get("completion_mask", batch.get("assistant_masks"))
     num_items = int(mask.sum()) if mask is not None else None
     ids = batch["input_ids"]
-    return Step(_trainer_step(trainer, batch, num_items, precision), int(batch["attention_mask"].sum()),
-                ids.numel(), ids.shape[0], ids.numel(), ids.shape[0] * ids.shape[1] ** 2)
+    return Step(
+        _trainer_step(trainer, batch, num_items, precision),
+        int(batch["attention_mask"].sum()),
+        ids.numel(),
+        ids.shape[0],
+        ids.numel(),
+        ids.shape[0] * ids.shape[1] ** 2,
+    )

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 BATCH_SIZES = [1, 8, 32, 64]
-SUBSAMPLE = {"forgetting_knowledge": 30, "forgetting_ifeval": 8, "forgetting_target": 8,
-             "forgetting_format_health": 4}
+SUBSAMPLE = {"forgetting_knowledge": 30, "forgetting_ifeval": 8, "forgetting_target": 8, "forgetting_format_health": 4}
 ROWS: dict[int, dict] = {}
 
 

@@ -33,15 +33,23 @@ def table():
     out.write_text(json.dumps(ROWS, indent=2))
     print("\n| case | step memory (MB) | peak RSS (MB) | s/step | tokens |\n|---|---|---|---|---|")
     for name, row in ROWS.items():
-        print(f"| {name} | {row['step_memory_mb']:.0f} | {row['peak_rss_mb']:.0f} | {row['seconds_per_step']:.2f} "
-              f"| {row['tokens']} |")
+        print(
+            f"| {name} | {row['step_memory_mb']:.0f} | {row['peak_rss_mb']:.0f} | {row['seconds_per_step']:.2f} "
+            f"| {row['tokens']} |"
+        )
 
 
 def probe(*args: str) -> dict:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak-memory probes need Linux /proc")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=1200, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory_probe", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=1200,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -61,4 +69,5 @@ def test_scaling(seq_len, batch):
 
 def test_scaling_with_gradient_checkpointing():
     ROWS["ours seq 2048 x batch 4, gradient checkpointing"] = probe(
-        "ours", "--seq-len", "2048", "--batch", "4", "--gradient-checkpointing")
+        "ours", "--seq-len", "2048", "--batch", "4", "--gradient-checkpointing"
+    )

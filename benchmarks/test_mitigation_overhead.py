@@ -39,8 +39,7 @@ def setup(embedded_batch):
 
 def make_step(model, tokenizer, examples, penalty=None, penalty_grad=None):
     """One packed micro-batch of 16 conversations per step (micro_batch_tokens 4096), as training runs it."""
-    return harness_step(model, tokenizer, examples, micro_batch_tokens=4096, penalty=penalty,
-                        penalty_grad=penalty_grad)
+    return harness_step(model, tokenizer, examples, micro_batch_tokens=4096, penalty=penalty, penalty_grad=penalty_grad)
 
 
 def timed(benchmark, name, step):
@@ -82,7 +81,9 @@ def test_ewc_step(setup):
                 times.append(time.perf_counter() - started)
     TIMES["plain_interleaved_s_per_step"] = statistics.median(plain_times)
     TIMES["ewc_interleaved_s_per_step"] = statistics.median(ewc_times)
-    TIMES["ewc_step_overhead_fraction"] = TIMES["ewc_interleaved_s_per_step"] / TIMES["plain_interleaved_s_per_step"] - 1
+    TIMES["ewc_step_overhead_fraction"] = (
+        TIMES["ewc_interleaved_s_per_step"] / TIMES["plain_interleaved_s_per_step"] - 1
+    )
     TIMES["ewc_penalty_grad_s"] = statistics.median(penalty_times[1:])
     TIMES["ewc_penalty_grad_fraction"] = TIMES["ewc_penalty_grad_s"] / TIMES["plain_interleaved_s_per_step"]
 

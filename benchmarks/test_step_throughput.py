@@ -25,7 +25,8 @@ from benchmarks.systems import LABELS, SYSTEMS, make_step
 ROUNDS = 5
 PRECISIONS = ["fp32", "bf16"]
 GROUPS = [(precision, False, SYSTEMS) for precision in PRECISIONS] + [
-    (precision, True, ("ours", "hf_trainer")) for precision in PRECISIONS]
+    (precision, True, ("ours", "hf_trainer")) for precision in PRECISIONS
+]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -34,8 +35,9 @@ def test_matmul_peak(results, precision):
     results.setdefault("peak", {})[precision] = matmul_peak_flops(precision)
 
 
-@pytest.mark.parametrize(("precision", "compiled", "systems"), GROUPS,
-                         ids=[f"{p}{'+compile' if c else ''}" for p, c, _ in GROUPS])
+@pytest.mark.parametrize(
+    ("precision", "compiled", "systems"), GROUPS, ids=[f"{p}{'+compile' if c else ''}" for p, c, _ in GROUPS]
+)
 def test_steps_interleaved(benchmark, embedded_batch, results, precision, compiled, systems):
     if "trl" in systems:
         pytest.importorskip("trl")
@@ -57,9 +59,15 @@ def test_steps_interleaved(benchmark, embedded_batch, results, precision, compil
     for system, step in steps.items():
         seconds = statistics.median(times[system][1:] or times[system])  # warm-up dropped (kept if the only one)
         flops = step_flops(embedded_batch[2], step)
-        row = {"tokens_per_s": step.tokens / seconds, "seconds_per_step": seconds, "tokens": step.tokens,
-               "padding_fraction": 1 - step.tokens / step.padded, "model_flops_6n": flops["model_flops_6n"],
-               "executed_flops": flops["executed_flops"], "round_times": times[system][1:] or times[system]}
+        row = {
+            "tokens_per_s": step.tokens / seconds,
+            "seconds_per_step": seconds,
+            "tokens": step.tokens,
+            "padding_fraction": 1 - step.tokens / step.padded,
+            "model_flops_6n": flops["model_flops_6n"],
+            "executed_flops": flops["executed_flops"],
+            "round_times": times[system][1:] or times[system],
+        }
         if peak:
             row["mfu"] = flops["model_flops_6n"] / seconds / peak
             row["executed_flop_utilisation"] = flops["executed_flops"] / seconds / peak

@@ -12,24 +12,60 @@ import random
 
 from evals.nltk_offline import ensure_punkt_tab
 
-TOPICS = ["your favourite season", "a walk in the park", "why people keep pets", "the ocean", "a rainy day",
-          "learning to cook", "a visit to a museum", "the benefits of reading", "a city at night", "trees",
-          "a birthday party", "riding a bicycle", "the moon", "a small village", "breakfast", "friendship",
-          "a train journey", "mountains", "the first day of school", "music", "a garden in spring", "coffee",
-          "the importance of sleep", "a thunderstorm", "libraries", "the desert", "a family dinner", "snow",
-          "the history of bread", "bees"]
-TASKS = ["Write a short paragraph about {}.", "Describe {} in a few sentences.", "Tell me about {}.",
-         "Write a short note to a friend about {}."]
+TOPICS = [
+    "your favourite season",
+    "a walk in the park",
+    "why people keep pets",
+    "the ocean",
+    "a rainy day",
+    "learning to cook",
+    "a visit to a museum",
+    "the benefits of reading",
+    "a city at night",
+    "trees",
+    "a birthday party",
+    "riding a bicycle",
+    "the moon",
+    "a small village",
+    "breakfast",
+    "friendship",
+    "a train journey",
+    "mountains",
+    "the first day of school",
+    "music",
+    "a garden in spring",
+    "coffee",
+    "the importance of sleep",
+    "a thunderstorm",
+    "libraries",
+    "the desert",
+    "a family dinner",
+    "snow",
+    "the history of bread",
+    "bees",
+]
+TASKS = [
+    "Write a short paragraph about {}.",
+    "Describe {} in a few sentences.",
+    "Tell me about {}.",
+    "Write a short note to a friend about {}.",
+]
 
 # (instruction id, kwargs options); each kwargs dict is passed to the checker's build_description
 INSTRUCTIONS = [
     ("punctuation:no_comma", [{}]),
     ("change_case:english_lowercase", [{}]),
     ("change_case:english_capital", [{}]),
-    ("length_constraints:number_words", [{"relation": "less than", "num_words": n} for n in (40, 60, 80)]
-     + [{"relation": "at least", "num_words": n} for n in (20, 40)]),
-    ("length_constraints:number_sentences", [{"relation": "less than", "num_sentences": n} for n in (3, 4, 5)]
-     + [{"relation": "at least", "num_sentences": n} for n in (2, 3)]),
+    (
+        "length_constraints:number_words",
+        [{"relation": "less than", "num_words": n} for n in (40, 60, 80)]
+        + [{"relation": "at least", "num_words": n} for n in (20, 40)],
+    ),
+    (
+        "length_constraints:number_sentences",
+        [{"relation": "less than", "num_sentences": n} for n in (3, 4, 5)]
+        + [{"relation": "at least", "num_sentences": n} for n in (2, 3)],
+    ),
     ("keywords:existence", [{"keywords": k} for k in (["happy"], ["light", "time"], ["friend"], ["small", "green"])]),
     ("keywords:forbidden_words", [{"forbidden_words": k} for k in (["very", "really"], ["good"], ["the"])]),
     ("detectable_format:title", [{}]),
@@ -39,8 +75,10 @@ INSTRUCTIONS = [
     ("startend:end_checker", [{"end_phrase": p} for p in ("Is there anything else I can help with?", "Thank you.")]),
     ("startend:quotation", [{}]),
     ("detectable_format:number_highlighted_sections", [{"num_highlights": n} for n in (1, 2)]),
-    ("keywords:letter_frequency", [{"letter": c, "let_frequency": n, "let_relation": "at least"}
-                                   for c, n in (("a", 5), ("e", 8), ("o", 4))]),
+    (
+        "keywords:letter_frequency",
+        [{"letter": c, "let_frequency": n, "let_relation": "at least"} for c, n in (("a", 5), ("e", 8), ("o", 4))],
+    ),
     ("detectable_content:number_placeholders", [{"num_placeholders": n} for n in (1, 2)]),
 ]
 SIZE = 200

@@ -20,9 +20,47 @@ from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
 from evals.prose import PARAGRAPHS
 from harness.io import cache_root
 
-ABBREVIATIONS = ["mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "u.s", "u.k",
-                 "inc", "ltd", "co", "corp", "no", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
-                 "oct", "nov", "dec", "fig", "approx", "dept", "est", "min", "max", "a.m", "p.m"]
+ABBREVIATIONS = [
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "u.s",
+    "u.k",
+    "inc",
+    "ltd",
+    "co",
+    "corp",
+    "no",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "fig",
+    "approx",
+    "dept",
+    "est",
+    "min",
+    "max",
+    "a.m",
+    "p.m",
+]
 FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
 
 
@@ -36,7 +74,9 @@ def ensure_punkt_tab() -> Path:
     target = root / "tokenizers" / "punkt_tab" / "english"
     if str(root) not in nltk.data.path:
         nltk.data.path.insert(0, str(root))
-    os.environ["NLTK_DATA"] = os.pathsep.join(dict.fromkeys([str(root), *filter(None, os.environ.get("NLTK_DATA", "").split(os.pathsep))]))
+    os.environ["NLTK_DATA"] = os.pathsep.join(
+        dict.fromkeys([str(root), *filter(None, os.environ.get("NLTK_DATA", "").split(os.pathsep))])
+    )
     if all((target / name).is_file() for name in FILES):
         return root
     trainer = PunktTrainer()

@@ -45,15 +45,22 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the `evals` and `harness` packages
 PROJECT_PACKAGES = ("evals", "harness")
 VERSIONED = ("torch", "transformers", "lm_eval", "peft", "nltk")  # packages whose code computes a score
-SUITE = ["forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose",
-         "forgetting_format_health"]
+SUITE = [
+    "forgetting_knowledge",
+    "forgetting_ifeval",
+    "forgetting_target",
+    "forgetting_prose",
+    "forgetting_format_health",
+]
 
 
 @dataclass
 class EvalSettings:
     tasks: list[str] = knob(["forgetting_suite"], "lm-eval task or group names (the offline suite by default)")
     limit: Optional[int] = knob(None, "evaluate only the first N documents of each task")
-    subsample: dict[str, int] = knob({}, "per task: evaluate N documents spread evenly over it (every category stays represented)")
+    subsample: dict[str, int] = knob(
+        {}, "per task: evaluate N documents spread evenly over it (every category stays represented)"
+    )
     batch_size: int = knob(16, "lm-eval batch size (set on HFLM: simple_evaluate ignores it for model objects)")
     max_length: int = knob(2048, "context length for lm-eval (tokens)")
     apply_chat_template: bool = knob(True, "wrap prompts in the model's chat template (the training format)")
@@ -98,8 +105,10 @@ def leaf_tasks(manager, names: list[str]) -> dict[str, Any]:
     """Task objects by name, groups expanded into their tasks."""
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise UserError(f"tasks: unknown task {unknown[0]!r} (lm-eval knows {len(manager.all_tasks)} names; "
-                        f"the offline suite is forgetting_suite = {', '.join(SUITE)})")
+        raise UserError(
+            f"tasks: unknown task {unknown[0]!r} (lm-eval knows {len(manager.all_tasks)} names; "
+            f"the offline suite is forgetting_suite = {', '.join(SUITE)})"
+        )
     leaves: dict[str, Any] = {}
 
     def walk(node):
@@ -153,11 +162,18 @@ def tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         text = backend.to_str()  # its JSON starts with the truncation and padding transformers sets per call
-        text = text[max(text.find('"added_tokens"'), 0):]
+        text = text[max(text.find('"added_tokens"'), 0) :]
     else:
         text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map,
-                        getattr(tokenizer, "clean_up_tokenization_spaces", None)], sort_keys=True, default=str)
+    extra = json.dumps(
+        [
+            type(tokenizer).__name__,
+            tokenizer.special_tokens_map,
+            getattr(tokenizer, "clean_up_tokenization_spaces", None),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.blake2b((text + extra).encode(), digest_size=16).hexdigest()
 
 
@@ -165,31 +181,41 @@ def eval_context(model, tokenizer, settings: EvalSettings) -> dict:
     """What besides the weights and the task changes a score: how prompts become tokens, the numerics, the code."""
     parameter = next(model.parameters())
     device = parameter.device
-    return {"tokenizer": tokenizer_hash(tokenizer),
-            "chat_template": getattr(tokenizer, "chat_template", None) if settings.apply_chat_template else None,
-            "dtype": str(getattr(model, "dtype", parameter.dtype)),
-            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
-            "device": [device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else None],
-            "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
-            "nltk_data": punkt_tab_hash()}
+    return {
+        "tokenizer": tokenizer_hash(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None) if settings.apply_chat_template else None,
+        "dtype": str(getattr(model, "dtype", parameter.dtype)),
+        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+        "device": [device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else None],
+        "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+        "nltk_data": punkt_tab_hash(),
+    }
 
 
 def cache_key(fingerprint: str, task, settings: EvalSettings, context: dict, files: list[Path]) -> str:
     config = task.config.to_dict() if hasattr(task.config, "to_dict") else asdict(task.config)
     config = dict(config, metadata={k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"})
-    parts = {"weights": fingerprint, "task": task.config.task, "version": task.VERSION,
-             "config": json.dumps(config, sort_keys=True, default=str), "docs": _docs_hash(task),
-             "files": _hash_files(files),  # by content: the same tasks in another checkout keep their key
-             "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path", "subsample")},
-             "subsample": settings.subsample.get(task.config.task), "context": context}
+    parts = {
+        "weights": fingerprint,
+        "task": task.config.task,
+        "version": task.VERSION,
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "docs": _docs_hash(task),
+        "files": _hash_files(files),  # by content: the same tasks in another checkout keep their key
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path", "subsample")},
+        "subsample": settings.subsample.get(task.config.task),
+        "context": context,
+    }
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=20).hexdigest()
 
 
 def cache_keys(model, tokenizer, settings: EvalSettings, manager, leaves: dict, fingerprint: str) -> dict[str, str]:
     """The cache key of each leaf task's result for this model, tokenizer and settings."""
     context = eval_context(model, tokenizer, settings)
-    return {name: cache_key(fingerprint, task, settings, context, task_files(manager, name, task))
-            for name, task in leaves.items()}
+    return {
+        name: cache_key(fingerprint, task, settings, context, task_files(manager, name, task))
+        for name, task in leaves.items()
+    }
 
 
 SLICES = ("results", "configs", "versions", "n-samples", "higher_is_better", "samples")
@@ -213,15 +239,30 @@ def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list, manager: 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
     samples = None
     if settings.subsample:  # lm-eval takes either a limit or explicit document indices, not both
-        samples = {task.config.task: document_indices(len(task.eval_docs), settings.subsample.get(task.config.task),
-                                                      settings.limit) for task in tasks}
+        samples = {
+            task.config.task: document_indices(
+                len(task.eval_docs), settings.subsample.get(task.config.task), settings.limit
+            )
+            for task in tasks
+        }
     with _without_environment_record():
         output = simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=None if samples else settings.limit, samples=samples,
-            num_fewshot=settings.num_fewshot, log_samples=True, apply_chat_template=settings.apply_chat_template,
-            system_instruction=settings.system_instruction, fewshot_as_multiturn=settings.fewshot_as_multiturn,
-            bootstrap_iters=settings.bootstrap_iters, random_seed=settings.seed, numpy_random_seed=settings.seed,
-            torch_random_seed=settings.seed, fewshot_random_seed=settings.seed)
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            limit=None if samples else settings.limit,
+            samples=samples,
+            num_fewshot=settings.num_fewshot,
+            log_samples=True,
+            apply_chat_template=settings.apply_chat_template,
+            system_instruction=settings.system_instruction,
+            fewshot_as_multiturn=settings.fewshot_as_multiturn,
+            bootstrap_iters=settings.bootstrap_iters,
+            random_seed=settings.seed,
+            numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed,
+        )
     return output
 
 
@@ -229,8 +270,10 @@ def run_lm_eval(model, tokenizer, settings: EvalSettings, tasks: list, manager: 
 def _without_environment_record():
     """Skip lm-eval's git hash and environment record, which `_slice` drops anyway: its `git describe` prints
     "fatal: not a git repository" outside a checkout, and torch's collect_env takes about a second."""
-    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
-            mock.patch.object(lm_eval.evaluator, "add_env_info", lambda storage: None):
+    with (
+        mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None),
+        mock.patch.object(lm_eval.evaluator, "add_env_info", lambda storage: None),
+    ):
         yield
 
 
@@ -267,11 +310,17 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
             if cache_dir is not None:
                 atomic_write_json(cache_dir / f"{keys[name]}.json", part)
     results = _merge(parts)
-    results["forgetting"] = {"by_category": by_category(results),"weights_fingerprint": fingerprint, "settings": asdict(settings),
-                             "chat_template": getattr(tokenizer, "chat_template", None),
-                             "format": getattr(tokenizer, "init_kwargs", {}).get("forgetting_format")
-                             or ("chat_template" if getattr(tokenizer, "chat_template", None) else None),
-                             "cache_hits": hits, "evaluated": missing, "lm_eval_version": _lm_eval_version()}
+    results["forgetting"] = {
+        "by_category": by_category(results),
+        "weights_fingerprint": fingerprint,
+        "settings": asdict(settings),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "format": getattr(tokenizer, "init_kwargs", {}).get("forgetting_format")
+        or ("chat_template" if getattr(tokenizer, "chat_template", None) else None),
+        "cache_hits": hits,
+        "evaluated": missing,
+        "lm_eval_version": _lm_eval_version(),
+    }
     return results
 
 
@@ -285,8 +334,11 @@ def by_category(results: dict) -> dict:
         groups: dict[str, list[dict]] = {}
         for sample in samples:
             groups.setdefault(sample["doc"]["category"], []).append(sample)
-        out[task] = {category: {m: sum(float(s[m]) for s in group) / len(group) for m in metrics if m in group[0]}
-                     | {"n": len(group)} for category, group in sorted(groups.items())}
+        out[task] = {
+            category: {m: sum(float(s[m]) for s in group) / len(group) for m in metrics if m in group[0]}
+            | {"n": len(group)}
+            for category, group in sorted(groups.items())
+        }
     return out
 
 
@@ -344,8 +396,11 @@ def metric_entries(task_results: dict) -> list[tuple[str, float, float | None]]:
 
 def headline(results: dict) -> list[tuple[str, str, float, float | None]]:
     """(task, metric, value, stderr) rows for printing."""
-    return [(task, *entry) for task, metrics in sorted(results.get("results", {}).items())
-            for entry in metric_entries(metrics)]
+    return [
+        (task, *entry)
+        for task, metrics in sorted(results.get("results", {}).items())
+        for entry in metric_entries(metrics)
+    ]
 
 
 def refuse_overwrite(path: Path, overwrite: bool) -> None:

@@ -24,7 +24,7 @@ def plan_steps(num_examples: int, batch_size: int, epochs: float, max_steps: int
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         stream += torch.randperm(num_examples, generator=generator).tolist()
         epoch += 1
-    return [stream[i * batch_size:(i + 1) * batch_size] for i in range(total_steps)]
+    return [stream[i * batch_size : (i + 1) * batch_size] for i in range(total_steps)]
 
 
 def rank_share(indices: list[int], lengths: list[int], rank: int, world_size: int) -> list[int]:

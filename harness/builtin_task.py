@@ -17,19 +17,122 @@ import re
 
 from harness.errors import UserError
 
-FIRST = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Noah", "Elena", "Kwame",
-         "Sofia", "Liam", "Mei", "Jonas", "Amara", "Diego", "Hannah", "Ravi", "Chloe", "Mateo", "Ingrid", "Yusuf",
-         "Grace", "Pavel", "Zara", "Felix", "Nadia", "Hugo", "Leila", "Oscar", "Anya", "Samuel", "Rosa", "Kenji"]
-LAST_TRAIN = ["Lopez", "Smith", "Tanaka", "Haddad", "Fischer", "Rossi", "Patel", "Nguyen", "Okafor", "Kowalski",
-              "Silva", "Johansson", "Dubois", "Murphy", "Kim", "Novak", "Mensah", "Garcia", "Schmidt", "Costa",
-              "Ivanova", "Brown", "Moreau", "Yilmaz", "Andersen", "Reyes"]
+FIRST = [
+    "Maria",
+    "James",
+    "Aiko",
+    "Omar",
+    "Lena",
+    "Carlos",
+    "Priya",
+    "Tom",
+    "Fatima",
+    "Noah",
+    "Elena",
+    "Kwame",
+    "Sofia",
+    "Liam",
+    "Mei",
+    "Jonas",
+    "Amara",
+    "Diego",
+    "Hannah",
+    "Ravi",
+    "Chloe",
+    "Mateo",
+    "Ingrid",
+    "Yusuf",
+    "Grace",
+    "Pavel",
+    "Zara",
+    "Felix",
+    "Nadia",
+    "Hugo",
+    "Leila",
+    "Oscar",
+    "Anya",
+    "Samuel",
+    "Rosa",
+    "Kenji",
+]
+LAST_TRAIN = [
+    "Lopez",
+    "Smith",
+    "Tanaka",
+    "Haddad",
+    "Fischer",
+    "Rossi",
+    "Patel",
+    "Nguyen",
+    "Okafor",
+    "Kowalski",
+    "Silva",
+    "Johansson",
+    "Dubois",
+    "Murphy",
+    "Kim",
+    "Novak",
+    "Mensah",
+    "Garcia",
+    "Schmidt",
+    "Costa",
+    "Ivanova",
+    "Brown",
+    "Moreau",
+    "Yilmaz",
+    "Andersen",
+    "Reyes",
+]
 LAST_HELDOUT = ["Bauer", "Sato", "Mwangi", "Larsen", "Ferreira", "Kaur", "Walsh", "Petrov", "Diaz", "Chen"]
-CITY_TRAIN = ["Lisbon", "Chicago", "Osaka", "Cairo", "Munich", "Naples", "Mumbai", "Hanoi", "Lagos", "Krakow",
-              "Santiago", "Oslo", "Lyon", "Dublin", "Seoul", "Prague", "Accra", "Toronto", "Vienna", "Denver"]
+CITY_TRAIN = [
+    "Lisbon",
+    "Chicago",
+    "Osaka",
+    "Cairo",
+    "Munich",
+    "Naples",
+    "Mumbai",
+    "Hanoi",
+    "Lagos",
+    "Krakow",
+    "Santiago",
+    "Oslo",
+    "Lyon",
+    "Dublin",
+    "Seoul",
+    "Prague",
+    "Accra",
+    "Toronto",
+    "Vienna",
+    "Denver",
+]
 CITY_HELDOUT = ["Porto", "Kyoto", "Nairobi", "Bergen", "Quito", "Leeds", "Tunis", "Hobart", "Graz", "Busan"]
-JOBS = ["nurse", "teacher", "carpenter", "chemist", "pilot", "baker", "lawyer", "architect", "plumber", "journalist",
-        "dentist", "farmer", "librarian", "electrician", "pharmacist", "translator", "mechanic", "painter",
-        "accountant", "firefighter", "biologist", "tailor", "photographer", "surgeon"]
+JOBS = [
+    "nurse",
+    "teacher",
+    "carpenter",
+    "chemist",
+    "pilot",
+    "baker",
+    "lawyer",
+    "architect",
+    "plumber",
+    "journalist",
+    "dentist",
+    "farmer",
+    "librarian",
+    "electrician",
+    "pharmacist",
+    "translator",
+    "mechanic",
+    "painter",
+    "accountant",
+    "firefighter",
+    "biologist",
+    "tailor",
+    "photographer",
+    "surgeon",
+]
 
 PATTERNS_TRAIN = [
     "{name} was born in {year} and works as a {job} in {city}.",
@@ -62,8 +165,10 @@ def make_record(rng: random.Random, split: str) -> dict:
     pattern = rng.choice(PATTERNS_HELDOUT if held else PATTERNS_TRAIN)
     name = f"{first} {last}"
     text = pattern.format(name=name, name_first=first, year=year, city=city, job=job)
-    return {"prompt": f"{INSTRUCTION}\n\nText: {text}",
-            "response": f"name: {name} | born: {year} | city: {city} | job: {job}"}
+    return {
+        "prompt": f"{INSTRUCTION}\n\nText: {text}",
+        "response": f"name: {name} | born: {year} | city: {city} | job: {job}",
+    }
 
 
 def records(split: str = "train", size: int | None = None) -> list[dict]:
@@ -86,5 +191,8 @@ def score(prediction: str, reference: str) -> dict:
     """Exact match, format validity and the share of the four fields that are right."""
     got, want = parse(prediction), parse(reference)
     fields = sum(got[k] == want[k] for k in want) / 4 if got else 0.0
-    return {"exact_match": float(prediction.strip() == reference.strip()),
-            "format_valid": float(got is not None), "field_accuracy": fields}
+    return {
+        "exact_match": float(prediction.strip() == reference.strip()),
+        "format_valid": float(got is not None),
+        "field_accuracy": fields,
+    }

@@ -41,8 +41,17 @@ def export_model(accelerator, model, tokenizer, job, target: Path) -> None:
         atomic_write_yaml(target / CONFIG_NAME, to_dict(job))
 
 
-def save_checkpoint(accelerator, model, tokenizer, job, output_dir: Path, name: str,
-                    with_state: bool, extra: dict, extra_models: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    model,
+    tokenizer,
+    job,
+    output_dir: Path,
+    name: str,
+    with_state: bool,
+    extra: dict,
+    extra_models: dict | None = None,
+) -> Path:
     """Stage and publish `output_dir/name`; every process calls this (each saves its RNG state)."""
     target = output_dir / name
     staging = output_dir / f".tmp-{name}"

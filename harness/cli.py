@@ -24,8 +24,9 @@ FLAGS = "--debug shows tracebacks. Overrides are dotted keys, e.g. train.lr=1e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forgetting", description="Measure and mitigate forgetting in SFT.",
-                                     epilog=FLAGS)
+    parser = argparse.ArgumentParser(
+        prog="forgetting", description="Measure and mitigate forgetting in SFT.", epilog=FLAGS
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -41,13 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     config = add("config", "print the resolved config, or every knob with --reference", False)
     config.add_argument("--reference", action="store_true", help="print every config key with its default and meaning")
     add("data", "show data statistics and the loss mask of the first example")
-    run = add("run", "run an experiment: evaluate the base, train and evaluate every strategy x seed, "
-                              "write the reports; a rerun resumes")
-    run.add_argument("--quick", action="store_true",
-                     help="smoke run: 2 steps, 8 documents per task, the first seed, output_dir + '-quick'")
-    rep = commands.add_parser("report", help="regenerate the reports of a run directory without retraining",
-                              description="Rebuild tables, plots and reports of RUN_DIR from its saved results.",
-                              epilog=FLAGS)
+    run = add(
+        "run",
+        "run an experiment: evaluate the base, train and evaluate every strategy x seed, "
+        "write the reports; a rerun resumes",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 steps, 8 documents per task, the first seed, output_dir + '-quick'",
+    )
+    rep = commands.add_parser(
+        "report",
+        help="regenerate the reports of a run directory without retraining",
+        description="Rebuild tables, plots and reports of RUN_DIR from its saved results.",
+        epilog=FLAGS,
+    )
     rep.add_argument("run_dir", help="the experiment's output_dir")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     rep.set_defaults(command_name="report", config=None, overrides=[])
@@ -57,18 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_gate(commands) -> None:
-    gt = commands.add_parser("gate", help="fail (exit 1) when a checkpoint forgot more than allowed vs a baseline",
-                             description="Evaluate CANDIDATE like BASELINE and compare per metric: a drop beyond the "
-                                         "threshold that a paired test finds significant (Holm across metrics) is a "
-                                         "regression. Exit codes: 0: pass; 1: regression or insufficient gain; "
-                                         "2: usage or config error; 3: runtime failure (no verdict).", epilog=FLAGS)
+    gt = commands.add_parser(
+        "gate",
+        help="fail (exit 1) when a checkpoint forgot more than allowed vs a baseline",
+        description="Evaluate CANDIDATE like BASELINE and compare per metric: a drop beyond the "
+        "threshold that a paired test finds significant (Holm across metrics) is a "
+        "regression. Exit codes: 0: pass; 1: regression or insufficient gain; "
+        "2: usage or config error; 3: runtime failure (no verdict).",
+        epilog=FLAGS,
+    )
     gt.add_argument("candidate", help="checkpoint directory, LoRA adapter directory, hub id or embedded:...")
-    gt.add_argument("--baseline", required=True, help="results JSON (forgetting eval / base/eval.json / --output of a gate) or a model")
+    gt.add_argument(
+        "--baseline",
+        required=True,
+        help="results JSON (forgetting eval / base/eval.json / --output of a gate) or a model",
+    )
     gt.add_argument("--adapter", help="PEFT adapter directory to apply on CANDIDATE")
-    gt.add_argument("--thresholds", help="YAML: default, metrics (task[/metric] -> max_drop/min_gain), test, alpha, compare")
-    gt.add_argument("--max-drop", action="append", metavar="TASK[/METRIC]=X",
-                    help="allowed drop, absolute (0.02) or relative (5%%); repeatable")
-    gt.add_argument("--min-gain", action="append", metavar="TASK[/METRIC]=X", help="required gain, e.g. forgetting_target=0.5")
+    gt.add_argument(
+        "--thresholds", help="YAML: default, metrics (task[/metric] -> max_drop/min_gain), test, alpha, compare"
+    )
+    gt.add_argument(
+        "--max-drop",
+        action="append",
+        metavar="TASK[/METRIC]=X",
+        help="allowed drop, absolute (0.02) or relative (5%%); repeatable",
+    )
+    gt.add_argument(
+        "--min-gain", action="append", metavar="TASK[/METRIC]=X", help="required gain, e.g. forgetting_target=0.5"
+    )
     gt.add_argument("--test", choices=["paired", "threshold"], help="paired (default): a drop must also be significant")
     gt.add_argument("--alpha", type=float, help="familywise significance level across metrics, Holm (default 0.05)")
     gt.add_argument("--tasks", help="tasks when BASELINE is a model (a results file brings its own)")
@@ -84,9 +110,12 @@ def _add_gate(commands) -> None:
 
 
 def _add_eval(commands) -> None:
-    ev = commands.add_parser("eval", help="evaluate a model or checkpoint with lm-eval (offline suite by default)",
-                             description="Evaluate MODEL (checkpoint dir, hub id, .gguf, embedded:...) with lm-eval.",
-                             epilog=FLAGS)
+    ev = commands.add_parser(
+        "eval",
+        help="evaluate a model or checkpoint with lm-eval (offline suite by default)",
+        description="Evaluate MODEL (checkpoint dir, hub id, .gguf, embedded:...) with lm-eval.",
+        epilog=FLAGS,
+    )
     ev.add_argument("model", help="checkpoint directory, hub id, .gguf file or embedded:smollm2-135m-instruct")
     ev.add_argument("--adapter", help="PEFT adapter directory to apply on MODEL")
     ev.add_argument("--tasks", default="forgetting_suite", help="comma-separated lm-eval tasks/groups")

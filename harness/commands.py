@@ -38,12 +38,16 @@ def cmd_train(args) -> int:
     job = _job(args)
     result = train(job)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {result.steps} steps; final loss {result.last_loss:.4f}; "
-              f"padding {result.padding_fraction:.1%}; saved to {result.final_dir}")
+        print(
+            f"trained {result.steps} steps; final loss {result.last_loss:.4f}; "
+            f"padding {result.padding_fraction:.1%}; saved to {result.final_dir}"
+        )
         if result.heldout_loss:
             h = result.heldout_loss
-            print(f"held-out response loss ({h['split']}, {h['examples']} examples): "
-                  f"{h['before']:.4f} before -> {h['after']:.4f} after")
+            print(
+                f"held-out response loss ({h['split']}, {h['examples']} examples): "
+                f"{h['before']:.4f} before -> {h['after']:.4f} after"
+            )
     return 0
 
 
@@ -57,20 +61,33 @@ def cmd_config(args) -> int:
 
 def reference() -> str:
     """Every knob as Markdown tables: a training job, an experiment, a strategy, each registered mitigation."""
+
     def table(rows) -> list[str]:
         return ["| key | default | meaning |", "|---|---|---|"] + [
-            f"| `{key}` | `{default}` | {help_text} |" for key, default, help_text in rows]
+            f"| `{key}` | `{default}` | {help_text} |" for key, default, help_text in rows
+        ]
 
     job_sections = ("model.", "data.", "train.")
     lines = ["### A training job (`forgetting train`, `forgetting config`)", ""] + table(describe(TrainJob))
-    lines += ["", "### An experiment (`forgetting run`)", "",
-              "`model.*`, `data.*` and `train.*` as in a training job (shared by every strategy), and:", ""]
+    lines += [
+        "",
+        "### An experiment (`forgetting run`)",
+        "",
+        "`model.*`, `data.*` and `train.*` as in a training job (shared by every strategy), and:",
+        "",
+    ]
     lines += table(row for row in describe(Experiment) if not row[0].startswith(job_sections))
     lines += ["", "### A strategy (an item of an experiment's `strategies`)", ""] + table(describe(Strategy))
-    lines += ["", "### Mitigations (an item of `mitigations`: `{name: NAME, KNOB: value}`; a sweep axis is "
-              "`NAME.KNOB`)", ""]
-    lines += table((f"{name}.{key}", default, help_text) for name, (config_cls, _) in sorted(registered().items())
-                   for key, default, help_text in describe(config_cls))
+    lines += [
+        "",
+        "### Mitigations (an item of `mitigations`: `{name: NAME, KNOB: value}`; a sweep axis is `NAME.KNOB`)",
+        "",
+    ]
+    lines += table(
+        (f"{name}.{key}", default, help_text)
+        for name, (config_cls, _) in sorted(registered().items())
+        for key, default, help_text in describe(config_cls)
+    )
     return "\n".join(lines)
 
 
@@ -80,14 +97,19 @@ def cmd_data(args) -> int:
     attach_format(tokenizer, job.data.format)
     examples, stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
     lengths = sorted(len(e) for e in examples)
-    print(f"records {stats.records}, examples {stats.examples}, truncated {stats.truncated}, "
-          f"dropped (response cut away) {stats.dropped_truncated}")
-    print(f"tokens {stats.tokens} (response {stats.target_tokens}); length min {lengths[0]}, "
-          f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+    print(
+        f"records {stats.records}, examples {stats.examples}, truncated {stats.truncated}, "
+        f"dropped (response cut away) {stats.dropped_truncated}"
+    )
+    print(
+        f"tokens {stats.tokens} (response {stats.target_tokens}); length min {lengths[0]}, "
+        f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}"
+    )
     first = examples[0]
     shown = "".join(
         f"[{tokenizer.decode([t])}]" if label != IGNORE_INDEX else tokenizer.decode([t])
-        for t, label in zip(first.input_ids, first.labels))
+        for t, label in zip(first.input_ids, first.labels)
+    )
     print("first example ([bracketed] tokens are learned, the rest is masked):\n" + shown)
     return 0
 
@@ -95,9 +117,13 @@ def cmd_data(args) -> int:
 def cmd_eval(args) -> int:
     output = Path(args.output)
     refuse_overwrite(output, args.overwrite)  # before the (long) evaluation, not only when saving
-    fields = {"tasks": [t for t in args.tasks.split(",") if t], "limit": args.limit,
-              "batch_size": args.batch_size, "apply_chat_template": not args.no_chat_template,
-              "include_path": args.include_path or []}
+    fields = {
+        "tasks": [t for t in args.tasks.split(",") if t],
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "apply_chat_template": not args.no_chat_template,
+        "include_path": args.include_path or [],
+    }
     settings = from_dict(EvalSettings, fields)
     model, tokenizer = load_for_eval(args.model, args.adapter)
     cache = None if args.no_cache else cache_root() / "eval"
@@ -115,8 +141,10 @@ def cmd_run(args) -> int:
     exp = load_experiment(args.config, args.overrides, quick=args.quick)
     run_dir = run_experiment(exp)
     print(run_headline(run_dir))
-    print(f"reports: {run_dir / 'reports' / 'report.html'} (and forgetting.md, instruction_following.md); "
-          f"tidy table: {run_dir / 'results.csv'}")
+    print(
+        f"reports: {run_dir / 'reports' / 'report.html'} (and forgetting.md, instruction_following.md); "
+        f"tidy table: {run_dir / 'results.csv'}"
+    )
     return 0
 
 
@@ -154,10 +182,23 @@ def _gate(args) -> int:
         thresholds = from_dict(gate.Thresholds, data)
     except HarnessError as err:
         raise type(err)(f"{args.thresholds or 'thresholds'}: {err}") from None
-    overrides = {k: v for k, v in {"tasks": args.tasks and [t for t in args.tasks.split(",") if t],
-                                   "limit": args.limit, "batch_size": args.batch_size}.items() if v is not None}
-    checks, results = gate.run_gate(args.candidate, args.adapter, args.baseline, thresholds, overrides,
-                                    None if args.no_cache else cache_root() / "eval")
+    overrides = {
+        k: v
+        for k, v in {
+            "tasks": args.tasks and [t for t in args.tasks.split(",") if t],
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+        }.items()
+        if v is not None
+    }
+    checks, results = gate.run_gate(
+        args.candidate,
+        args.adapter,
+        args.baseline,
+        thresholds,
+        overrides,
+        None if args.no_cache else cache_root() / "eval",
+    )
     title = f"forgetting gate: {args.candidate} vs {args.baseline}"
     table = gate.markdown(checks, title)
     print(table, end="")
@@ -168,8 +209,10 @@ def _gate(args) -> int:
     if args.junit:
         atomic_write_text(args.junit, gate.junit_xml(checks, title, time.perf_counter() - started))
     failed = [c for c in checks if c.status != "pass"]
-    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (
-        f"; failed: {', '.join(f'{c.task}/{c.metric}' for c in failed)}" if failed else ""))
+    print(
+        f"{len(checks) - len(failed)} of {len(checks)} checks passed"
+        + (f"; failed: {', '.join(f'{c.task}/{c.metric}' for c in failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -16,21 +16,38 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = knob(EMBEDDED_MODEL, "hub id, local directory, .gguf file, 'embedded:smollm2-135m-instruct' or 'tiny-random' (tests)")
+    name_or_path: str = knob(
+        EMBEDDED_MODEL, "hub id, local directory, .gguf file, 'embedded:smollm2-135m-instruct' or 'tiny-random' (tests)"
+    )
     gguf_file: Optional[str] = knob(None, "GGUF file name inside name_or_path (a directory or hub repo)")
     revision: Optional[str] = knob(None, "hub revision (branch, tag or commit)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "weights dtype for evaluation; auto: bf16 where the hardware computes it natively (a bf16 GPU, a CPU with avx512_bf16/amx_bf16), else fp32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob(
+        "auto",
+        "weights dtype for evaluation; auto: bf16 where the hardware computes it natively (a bf16 GPU, a CPU with "
+        "avx512_bf16/amx_bf16), else fp32",
+    )
     trust_remote_code: bool = knob(False, "allow model code from the hub (off: only transformers' own architectures)")
-    cache_dir: Optional[str] = knob(None, "where converted GGUF models are cached (default: $FORGETTING_CACHE or ~/.cache/forgetting)")
-    attn_implementation: Optional[str] = knob(None, "attention kernel: sdpa, eager, flash_attention_2 (default: transformers' choice)")
+    cache_dir: Optional[str] = knob(
+        None, "where converted GGUF models are cached (default: $FORGETTING_CACHE or ~/.cache/forgetting)"
+    )
+    attn_implementation: Optional[str] = knob(
+        None, "attention kernel: sdpa, eager, flash_attention_2 (default: transformers' choice)"
+    )
 
 
 @dataclass
 class DataConfig:
-    path: str = knob("builtin", "JSONL/JSON/CSV/Parquet file, a datasets hub name, or 'builtin' (the generated record-extraction task)")
+    path: str = knob(
+        "builtin",
+        "JSONL/JSON/CSV/Parquet file, a datasets hub name, or 'builtin' (the generated record-extraction task)",
+    )
     split: str = knob("train", "split to train on: for 'builtin' train or heldout; for a hub dataset its split name")
-    schema: Literal["auto", "alpaca", "prompt_response", "messages"] = knob("auto", "record layout; auto detects it from the first record's fields")
-    format: Literal["chatml", "alpaca", "plain", "chat_template"] = knob("chat_template", "prompt format: chatml, alpaca, plain (Human:/Assistant:) or the tokenizer's own chat_template")
+    schema: Literal["auto", "alpaca", "prompt_response", "messages"] = knob(
+        "auto", "record layout; auto detects it from the first record's fields"
+    )
+    format: Literal["chatml", "alpaca", "plain", "chat_template"] = knob(
+        "chat_template", "prompt format: chatml, alpaca, plain (Human:/Assistant:) or the tokenizer's own chat_template"
+    )
     system_prompt: Optional[str] = knob(None, "system message added to every example that has none")
     prompt_field: str = knob("prompt", "prompt_response schema: column with the prompt")
     response_field: str = knob("response", "prompt_response schema: column with the response")
@@ -41,7 +58,9 @@ class DataConfig:
     messages_field: str = knob("messages", "messages schema: column with a list of {role, content}")
     max_seq_len: int = knob(1024, "tokens per example; longer ones are cut, and dropped if no response token survives")
     limit: Optional[int] = knob(None, "use only the first N records (after loading)")
-    eval_split: Optional[str] = knob(None, "held-out split for response loss before/after training (builtin: heldout); null: none")
+    eval_split: Optional[str] = knob(
+        None, "held-out split for response loss before/after training (builtin: heldout); null: none"
+    )
     eval_path: Optional[str] = knob(None, "source of the held-out split (default: data.path)")
     eval_limit: Optional[int] = knob(200, "use only the first N held-out records")
 
@@ -56,8 +75,9 @@ class DataConfig:
         """The config of the held-out split, or None when none is configured."""
         if self.eval_split is None:
             return None
-        return replace(self, path=self.eval_path or self.path, split=self.eval_split, limit=self.eval_limit,
-                       eval_split=None)
+        return replace(
+            self, path=self.eval_path or self.path, split=self.eval_split, limit=self.eval_limit, eval_split=None
+        )
 
 
 @dataclass
@@ -67,7 +87,11 @@ class TrainConfig:
     max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (overrides epochs)")
     batch_size: int = knob(128, "sequences per optimizer step (global, across all processes)")
     micro_batch_tokens: int = knob(4096, "tokens per forward/backward pass, padding included; bounds activation memory")
-    warmup_ratio: float = knob(0.03, "fraction W of the steps with linear warmup: step k < W (0-based) uses lr*(k+1)/(W+1), so no step is spent at lr 0")
+    warmup_ratio: float = knob(
+        0.03,
+        "fraction W of the steps with linear warmup: step k < W (0-based) uses lr*(k+1)/(W+1), so no step is spent "
+        "at lr 0",
+    )
     schedule: Literal["cosine", "linear", "constant"] = knob("cosine", "decay after warmup")
     min_lr_ratio: float = knob(0.0, "final LR as a fraction of the peak")
     weight_decay: float = knob(0.0, "AdamW decoupled weight decay (not applied to norms and biases)")
@@ -75,10 +99,24 @@ class TrainConfig:
     adam_eps: float = knob(1e-8, "AdamW epsilon")
     grad_clip: Optional[float] = knob(1.0, "clip the global gradient norm to this (null: no clipping)")
     seed: int = knob(0, "seed for data order, dropout and initialisation")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = knob("auto", "auto: bf16 autocast where the hardware computes bf16 natively (a bf16 GPU, a CPU with avx512_bf16/amx_bf16), fp32 elsewhere")
-    gradient_checkpointing: bool = knob(False, "recompute activations in backward: much less activation memory, up to ~30% more time")
-    packing: Literal["auto", "packed", "padded"] = knob("auto", "micro-batch layout: packed (no padding; each sequence attends only to itself; needs SDPA attention), padded, or auto: packed on a CPU without train.compile, padded elsewhere")
-    compile: bool = knob(False, "torch.compile the model (inductor): faster steps after a one-time compile (~1 min for 135M on CPU; needs a C++ compiler there)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = knob(
+        "auto",
+        "auto: bf16 autocast where the hardware computes bf16 natively (a bf16 GPU, a CPU with "
+        "avx512_bf16/amx_bf16), fp32 elsewhere",
+    )
+    gradient_checkpointing: bool = knob(
+        False, "recompute activations in backward: much less activation memory, up to ~30% more time"
+    )
+    packing: Literal["auto", "packed", "padded"] = knob(
+        "auto",
+        "micro-batch layout: packed (no padding; each sequence attends only to itself; needs SDPA attention), "
+        "padded, or auto: packed on a CPU without train.compile, padded elsewhere",
+    )
+    compile: bool = knob(
+        False,
+        "torch.compile the model (inductor): faster steps after a one-time compile (~1 min for 135M on CPU; needs a "
+        "C++ compiler there)",
+    )
     log_every: int = knob(1, "write a metrics line every N steps")
     tensorboard: bool = knob(False, "also log metrics to output_dir/tensorboard (needs the tensorboard package)")
     save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")
@@ -110,7 +148,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be at least 1")
         if self.packing == "packed" and self.compile:
-            raise ValueError("train.packing=packed cannot be combined with train.compile (packed rows change shape "
-                             "every step and would recompile); use packing=padded or compile=false")
+            raise ValueError(
+                "train.packing=packed cannot be combined with train.compile (packed rows change shape "
+                "every step and would recompile); use packing=padded or compile=false"
+            )
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.save_every and train.keep_checkpoints: must be >= 0")

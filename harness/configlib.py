@@ -71,8 +71,12 @@ def _spelled(dotted: str, value: Any) -> str:
 
 
 # scalar type -> (Python types accepted, how an error names it); a bool is accepted only where a bool is asked
-SCALARS = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number"),
-           str: (str, "a string")}
+SCALARS = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number"),
+    str: (str, "a string"),
+}
 
 
 def _convert(tp: Any, value: Any, path: str, default: Any = None) -> Any:
@@ -280,6 +284,7 @@ def first_difference(old, new, path: str = "") -> str:
         for i, (a, b) in enumerate(zip(old, new)):
             if a != b:
                 return first_difference(a, b, f"{path}[{i}]")
+
     def short(value) -> str:
         text = repr(value)
         return text if len(text) < 60 else text[:57] + "..."

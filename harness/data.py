@@ -102,8 +102,9 @@ def _read_hub(config: DataConfig) -> Iterator[tuple[dict, str]]:
     try:
         dataset = datasets.load_dataset(config.path, split=config.split)
     except Exception as err:  # offline, missing, no such split
-        raise UserError(f"data.path: cannot load {config.path!r} (split {config.split!r}) with datasets: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"data.path: cannot load {config.path!r} (split {config.split!r}) with datasets: {str(err).splitlines()[0]}"
+        ) from None
     for index, row in enumerate(dataset):
         yield row, f"{config.path}[{config.split}] row {index + 1}"
 
@@ -136,9 +137,11 @@ def detect_schema(row: dict, config: DataConfig, where: str) -> str:
         return "alpaca"
     if config.prompt_field in row and config.response_field in row:
         return "prompt_response"
-    raise UserError(f"{where}: cannot tell the record layout from its fields {sorted(row)}; expected "
-                    f"{config.messages_field!r}, {config.instruction_field!r}+{config.output_field!r} or "
-                    f"{config.prompt_field!r}+{config.response_field!r} (set data.schema and the *_field names)")
+    raise UserError(
+        f"{where}: cannot tell the record layout from its fields {sorted(row)}; expected "
+        f"{config.messages_field!r}, {config.instruction_field!r}+{config.output_field!r} or "
+        f"{config.prompt_field!r}+{config.response_field!r} (set data.schema and the *_field names)"
+    )
 
 
 def _text(row: dict, name: str, where: str, required: bool = True) -> str:
@@ -193,7 +196,9 @@ def to_messages(row: dict, schema: str, config: DataConfig, where: str) -> list[
             response = _text(row, config.response_field, where)
         system = _text(row, config.system_field, where, required=False)
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": response},
+        ]
     if config.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": config.system_prompt}] + messages
     return messages
@@ -242,6 +247,7 @@ def tokenize_all(conversations: list[list[dict]], tokenizer, config: DataConfig)
         stats.target_tokens += example.num_target_tokens
     stats.examples = len(examples)
     if not examples:
-        raise UserError(f"{config.path}: every example was dropped: no response token fits in "
-                        f"data.max_seq_len={config.max_seq_len}")
+        raise UserError(
+            f"{config.path}: every example was dropped: no response token fits in data.max_seq_len={config.max_seq_len}"
+        )
     return examples, stats

@@ -21,14 +21,18 @@ from typing import Any, Literal, Optional
 
 from evals.runner import EvalSettings
 from harness.config import DataConfig, ModelConfig, TrainConfig
-from harness.job import TrainJob
 from harness.configlib import from_dict, knob, load_config, set_key, to_dict
 from harness.errors import UserError
+from harness.job import TrainJob
 
 # The primary metric of each suite task: what the forgetting report compares (other tasks: their first metric).
-PRIMARY_METRICS = {"forgetting_knowledge": "acc", "forgetting_ifeval": "prompt_level_strict_acc",
-                   "forgetting_target": "exact_match", "forgetting_prose": "bits_per_byte",
-                   "forgetting_format_health": "leak_rate"}
+PRIMARY_METRICS = {
+    "forgetting_knowledge": "acc",
+    "forgetting_ifeval": "prompt_level_strict_acc",
+    "forgetting_target": "exact_match",
+    "forgetting_prose": "bits_per_byte",
+    "forgetting_format_health": "leak_rate",
+}
 # `--quick`: a smoke run of any experiment (minutes on a CPU): few steps, few documents, the first seed.
 QUICK_OVERRIDES = ["train.max_steps=2", "train.save_every=0", "eval.limit=8", "eval.subsample={}"]
 
@@ -38,8 +42,11 @@ class Strategy:
     name: str = knob(None, "label in reports and the unit directory name (letters, digits, _ - .)")
     mitigations: list[dict[str, Any]] = knob([], "mitigations, e.g. [{name: lora, r: 16}]; [] is the naive baseline")
     overrides: dict[str, Any] = knob({}, "job keys changed for this strategy only, e.g. {train.lr: 1e-4}")
-    sweep: dict[str, list] = knob({}, "axis -> values: a job key (data.limit, data.format, train.lr) or "
-                                      "<mitigation>.<field> (replay.ratio, replay.data.size)")
+    sweep: dict[str, list] = knob(
+        {},
+        "axis -> values: a job key (data.limit, data.format, train.lr) or "
+        "<mitigation>.<field> (replay.ratio, replay.data.size)",
+    )
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
@@ -55,12 +62,22 @@ class Experiment:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "the SFT data (shared by all strategies)"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "the training recipe (shared)"})
-    eval: EvalSettings = field(default_factory=EvalSettings, metadata={"help": "lm-eval tasks and settings, before and after"})
+    eval: EvalSettings = field(
+        default_factory=EvalSettings, metadata={"help": "lm-eval tasks and settings, before and after"}
+    )
     strategies: list[dict[str, Any]] = knob([{"name": "naive"}], "strategies to compare (see Strategy)")
     seeds: list[int] = knob([0], "training seeds; every strategy runs once per seed")
-    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob("auto", "weights dtype for evaluation (training keeps fp32 master weights); auto: bf16 where the hardware computes it natively (a bf16 GPU, a CPU with avx512_bf16/amx_bf16), else fp32")
-    target_task: Optional[str] = knob("forgetting_target", "the task that measures what the SFT teaches (a gain, not forgetting); null: none")
-    primary_metrics: dict[str, str] = knob({}, "task -> metric the reports compare (defaults: the suite's own; else the task's first metric)")
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = knob(
+        "auto",
+        "weights dtype for evaluation (training keeps fp32 master weights); auto: bf16 where the hardware computes "
+        "it natively (a bf16 GPU, a CPU with avx512_bf16/amx_bf16), else fp32",
+    )
+    target_task: Optional[str] = knob(
+        "forgetting_target", "the task that measures what the SFT teaches (a gain, not forgetting); null: none"
+    )
+    primary_metrics: dict[str, str] = knob(
+        {}, "task -> metric the reports compare (defaults: the suite's own; else the task's first metric)"
+    )
     keep_models: bool = knob(True, "keep each unit's final model (false: delete the weights once evaluated)")
     output_dir: str = knob("runs/experiment", "the run directory: results, reports, per-unit checkpoints and logs")
 
@@ -119,8 +136,10 @@ def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_
             continue
         spec = next((m for m in mitigations if isinstance(m, dict) and m.get("name") == head), None)
         if spec is None or "." not in axis:
-            raise UserError(f"{where}.sweep: axis {axis!r} is neither a job key (data.limit, train.lr, ...) nor "
-                            f"<mitigation>.<field> of a mitigation this strategy lists")
+            raise UserError(
+                f"{where}.sweep: axis {axis!r} is neither a job key (data.limit, train.lr, ...) nor "
+                f"<mitigation>.<field> of a mitigation this strategy lists"
+            )
         set_key(spec, axis.split(".")[1:], value, f"{where}.sweep")  # replay.data.size: a nested knob
     data["train"]["seed"] = seed
     data["mitigations"] = mitigations
@@ -136,8 +155,14 @@ def units(exp: Experiment) -> list[Unit]:
             label = _label(strategy.name, axes)
             for seed in exp.seeds:
                 unit_id = _unit_id(label, seed)
-                job = unit_job(exp, strategy, axes, seed, f"{exp.output_dir}/units/{unit_id}/train",
-                               f"strategies[{i}] ({strategy.name})")
+                job = unit_job(
+                    exp,
+                    strategy,
+                    axes,
+                    seed,
+                    f"{exp.output_dir}/units/{unit_id}/train",
+                    f"strategies[{i}] ({strategy.name})",
+                )
                 out.append(Unit(unit_id, label, strategy.name, axes, seed, job))
     ids = [u.id for u in out]
     for unit_id in ids:

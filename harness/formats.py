@@ -24,7 +24,9 @@ CHATML = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 ALPACA = (
     "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\n\n' }}"
     "{%- else -%}{{ '" + ALPACA_PREAMBLE + "\n\n' }}{%- endif -%}"
@@ -71,7 +73,9 @@ def template_for(format_name: str, tokenizer) -> str:
         raise UserError(f"data.format: unknown format {format_name!r}; valid: {', '.join(FORMAT_NAMES)}")
     if format_name == "chat_template":
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError("data.format: chat_template chosen but the tokenizer has none; pick chatml, alpaca or plain")
+            raise UserError(
+                "data.format: chat_template chosen but the tokenizer has none; pick chatml, alpaca or plain"
+            )
         return tokenizer.chat_template
     return TEMPLATES[format_name]
 
@@ -84,7 +88,8 @@ def attach_format(tokenizer, format_name: str) -> None:
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def split_segments(tokenizer, template: str, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -101,13 +106,15 @@ def split_segments(tokenizer, template: str, messages: list[dict]) -> list[tuple
         prompt = render(tokenizer, template, messages[:k], add_generation_prompt=True)
         full = render(tokenizer, template, messages[: k + 1], add_generation_prompt=False)
         if not full.startswith(prompt) or len(prompt) < cursor:
-            raise UserError("data.format: the chat template does not render conversations as growing prefixes "
-                            "(the prompt for a turn is not the start of the rendered turn); use chatml, alpaca or plain")
+            raise UserError(
+                "data.format: the chat template does not render conversations as growing prefixes "
+                "(the prompt for a turn is not the start of the rendered turn); use chatml, alpaca or plain"
+            )
         end = len(full.rstrip())
         if end <= len(prompt):
             raise UserError("data: an assistant response renders as empty text")
         segments.append((prompt[cursor:], False))
-        segments.append((full[len(prompt):end], True))
+        segments.append((full[len(prompt) : end], True))
         cursor = end
     return [(text, is_response) for text, is_response in segments if text]
 

@@ -56,8 +56,14 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(os.environ.get("FORGETTING_CACHE", Path.home() / ".cache" / "forgetting")).expanduser()
 
 
-def claim_run_dir(run_dir: Path, config_name: str, config: dict, comparable: Callable[[dict], dict],
-                  write: bool = True, what: str = "run") -> bool:
+def claim_run_dir(
+    run_dir: Path,
+    config_name: str,
+    config: dict,
+    comparable: Callable[[dict], dict],
+    write: bool = True,
+    what: str = "run",
+) -> bool:
     """Claim `run_dir` for the run that `config` describes; True when it already holds this same run.
 
     A directory holding a run with another config (compared as `comparable` resolves both) or files that are
@@ -67,8 +73,10 @@ def claim_run_dir(run_dir: Path, config_name: str, config: dict, comparable: Cal
     if saved.is_file():
         old, new = comparable(yaml.safe_load(saved.read_text())), comparable(config)
         if old != new:
-            raise UserError(f"{run_dir}: holds a different {what} ({first_difference(old, new)}); rerun with the "
-                            f"same config to resume, or choose another output_dir")
+            raise UserError(
+                f"{run_dir}: holds a different {what} ({first_difference(old, new)}); rerun with the "
+                f"same config to resume, or choose another output_dir"
+            )
         return True
     if run_dir.exists() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise UserError(f"{run_dir}: exists and is not a run directory of this tool; choose another output_dir")

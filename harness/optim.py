@@ -39,5 +39,6 @@ def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[di
 def make_optimizer(groups: list[dict], t, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, fused into one kernel per step where torch supports it for this device (CPU, CUDA)."""
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, fused=fused or None,
-                             foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, fused=fused or None, foreach=None if fused else True
+    )

@@ -43,8 +43,10 @@ def packed_attention(module, query, key, value, attention_mask, segments=None, *
         query, key, value = query.float(), key.float(), value.float()
     with torch.autocast("cpu", enabled=False) if on_cpu else nullcontext():
         # split, not slicing: the backward of one split is one cat, that of each slice a zero-filled full tensor
-        outputs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
-                   for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+        outputs = [
+            sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+        ]
     return torch.cat(outputs, dim=1).to(dtype), None
 
 

@@ -49,8 +49,9 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval"
 
 def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
     """Create the run directory or check it holds this same experiment; True when resuming."""
-    return claim_run_dir(run_dir, EXPERIMENT_FILE, to_dict(exp), lambda config: comparable(config, Experiment),
-                         what="experiment")
+    return claim_run_dir(
+        run_dir, EXPERIMENT_FILE, to_dict(exp), lambda config: comparable(config, Experiment), what="experiment"
+    )
 
 
 def environment(exp: Experiment | None = None) -> dict:
@@ -61,16 +62,31 @@ def environment(exp: Experiment | None = None) -> dict:
             versions[name] = version(name.replace("_", "-"))
         except PackageNotFoundError:
             versions[name] = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": sys.version.split()[0],
-            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
-            "packages": versions, "git_commit": commit, "argv": sys.argv,
-            **({"precision": precisions(exp)} if exp is not None else {})}
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "packages": versions,
+        "git_commit": commit,
+        "argv": sys.argv,
+        **({"precision": precisions(exp)} if exp is not None else {}),
+    }
 
 
 def precisions(exp: Experiment) -> dict:
@@ -90,14 +106,17 @@ def _append_environment(run_dir: Path, exp: Experiment) -> dict:
 
 def check_same_data(saved: dict, now: dict) -> None:
     """Refuse to resume on data that changed since the run started (the units would not be comparable)."""
+
     def by_source(hashes: dict) -> dict:
         return {(d["path"], d["split"], d["limit"]): d["blake2"] for d in hashes["datasets"]}
 
     old = by_source(saved)
     for source, digest in by_source(now).items():
         if source in old and old[source] != digest:
-            raise UserError(f"{source[0]} (split {source[1]}): the data changed since this run started; restore it "
-                            f"or start a new run (another output_dir)")
+            raise UserError(
+                f"{source[0]} (split {source[1]}): the data changed since this run started; restore it "
+                f"or start a new run (another output_dir)"
+            )
 
 
 def data_hashes(unit_list: list[Unit]) -> dict:
@@ -107,15 +126,24 @@ def data_hashes(unit_list: list[Unit]) -> dict:
         for role, config in (("train", unit.job.data), ("heldout", unit.job.data.heldout())):
             if config is None:
                 continue
-            key = json.dumps({"path": config.path, "split": config.split, "limit": config.limit,
-                              "schema": config.schema}, sort_keys=True)
+            key = json.dumps(
+                {"path": config.path, "split": config.split, "limit": config.limit, "schema": config.schema},
+                sort_keys=True,
+            )
             if key in out:
                 out[key]["units"].append(unit.id)
                 continue
             conversations = load_conversations(config)
             digest = hashlib.blake2b(json.dumps(conversations, sort_keys=True).encode(), digest_size=16).hexdigest()
-            out[key] = {"role": role, "path": config.path, "split": config.split, "limit": config.limit,
-                        "records": len(conversations), "blake2": digest, "units": [unit.id]}
+            out[key] = {
+                "role": role,
+                "path": config.path,
+                "split": config.split,
+                "limit": config.limit,
+                "records": len(conversations),
+                "blake2": digest,
+                "units": [unit.id],
+            }
     return {"datasets": list(out.values())}
 
 
@@ -176,8 +204,11 @@ def evaluate_model(exp: Experiment, source: Path | str, manifest: Manifest, labe
     if adapter:
         model, tokenizer = load_for_eval(base.name_or_path, adapter=str(source), model_config=base)
     else:  # the base, or a full checkpoint with the base's loading options (dtype, attention)
-        config = base if str(source) == base.name_or_path else replace(
-            base, name_or_path=str(source), gguf_file=None, revision=None)
+        config = (
+            base
+            if str(source) == base.name_or_path
+            else replace(base, name_or_path=str(source), gguf_file=None, revision=None)
+        )
         model, tokenizer = load_for_eval(str(source), model_config=config)
     results = evaluate(model, tokenizer, exp.eval, cache_dir=cache_root() / "eval")
     manifest.count_evaluation(label, results)
@@ -188,8 +219,14 @@ def _wise_ft_points(final_dir: Path) -> list[Path]:
     return sorted(p for p in final_dir.glob("wise_ft_*") if (p / "config.json").is_file())
 
 
-def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest,
-             progress: ExperimentProgress | None = None, label: str = "") -> dict:
+def run_unit(
+    exp: Experiment,
+    unit: Unit,
+    run_dir: Path,
+    manifest: Manifest,
+    progress: ExperimentProgress | None = None,
+    label: str = "",
+) -> dict:
     """Train (or resume) one unit, evaluate its final model and any WiSE-FT points; return its record."""
     unit_dir = run_dir / "units" / unit.id
     started = time.perf_counter()
@@ -213,10 +250,17 @@ def run_unit(exp: Experiment, unit: Unit, run_dir: Path, manifest: Manifest,
         for path in [final, *_wise_ft_points(final)]:
             for weights in path.glob("*.safetensors"):
                 weights.unlink()
-    return {"status": "done", "strategy": unit.strategy, "seed": unit.seed, "steps": result.steps,
-            "train_seconds": round(trained - started, 1), "eval_seconds": round(time.perf_counter() - trained, 1),
-            "variants": sorted(variants), "heldout_loss": result.heldout_loss,
-            "mitigation_reports": result.mitigation_reports}
+    return {
+        "status": "done",
+        "strategy": unit.strategy,
+        "seed": unit.seed,
+        "steps": result.steps,
+        "train_seconds": round(trained - started, 1),
+        "eval_seconds": round(time.perf_counter() - trained, 1),
+        "variants": sorted(variants),
+        "heldout_loss": result.heldout_loss,
+        "mitigation_reports": result.mitigation_reports,
+    }
 
 
 def run_experiment(exp: Experiment) -> Path:
@@ -230,10 +274,16 @@ def run_experiment(exp: Experiment) -> Path:
     atomic_write_json(run_dir / "data_hashes.json", hashes)
     chosen = _append_environment(run_dir, exp)["precision"]
     manifest = Manifest(run_dir)
-    print(f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
-          f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}", flush=True)
-    print(f"training precision {chosen['train']} ({chosen['train_reason']}); evaluation dtype "
-          f"{chosen['eval_dtype']} ({chosen['eval_reason']})", flush=True)
+    print(
+        f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
+        f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}",
+        flush=True,
+    )
+    print(
+        f"training precision {chosen['train']} ({chosen['train_reason']}); evaluation dtype "
+        f"{chosen['eval_dtype']} ({chosen['eval_reason']})",
+        flush=True,
+    )
 
     progress = ExperimentProgress(work_plan(unit_list))
     if manifest.done("base"):
@@ -242,7 +292,9 @@ def run_experiment(exp: Experiment) -> Path:
         started = time.perf_counter()
         with tee_output(run_dir / "base" / "log.txt"):
             progress.evaluating("base", "[base]", f"the base model {exp.model.name_or_path}")
-            atomic_write_json(run_dir / "base" / "eval.json", evaluate_model(exp, exp.model.name_or_path, manifest, "base"))
+            atomic_write_json(
+                run_dir / "base" / "eval.json", evaluate_model(exp, exp.model.name_or_path, manifest, "base")
+            )
             progress.evaluated("base")
         manifest.record("base", status="done", eval_seconds=round(time.perf_counter() - started, 1))
     for index, unit in enumerate(unit_list, 1):
@@ -278,7 +330,8 @@ def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
         if task not in leaves:
             raise UserError(f"eval.subsample: {task!r} is not one of the evaluated tasks ({', '.join(leaves)})")
     if exp.target_task is not None and exp.target_task not in leaves:
-        raise UserError(f"target_task: {exp.target_task!r} is not one of the evaluated tasks ({', '.join(leaves)}); "
-                        f"add it to eval.tasks or set target_task: null")
+        raise UserError(
+            f"target_task: {exp.target_task!r} is not one of the evaluated tasks ({', '.join(leaves)}); "
+            f"add it to eval.tasks or set target_task: null"
+        )
     return data_hashes(unit_list)  # loads (and so validates) every dataset
-

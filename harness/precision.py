@@ -48,6 +48,7 @@ def _x86_cpu_flags() -> set[str] | None:
 
 def _probe() -> Bf16Support:
     """Time a 256x256 matmul in bf16 and fp32 (best of 3): emulated bf16 is tens of times slower, native faster."""
+
     def best(dtype: torch.dtype) -> float:
         a = torch.randn(256, 256).to(dtype)
         times = []
@@ -72,8 +73,10 @@ def cpu_bf16() -> Bf16Support:
     flags = _x86_cpu_flags()
     if flags is not None:
         native = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
-        return Bf16Support(bool(native), f"CPU flags: {', '.join(native)}" if native
-                           else "CPU flags: no avx512_bf16 or amx_bf16 (bf16 is emulated)")
+        return Bf16Support(
+            bool(native),
+            f"CPU flags: {', '.join(native)}" if native else "CPU flags: no avx512_bf16 or amx_bf16 (bf16 is emulated)",
+        )
     return _probe()
 
 

@@ -101,8 +101,10 @@ class ExperimentProgress:
             return None
         known = [s for s in self.plan.steps.values() if s]
         typical_steps = sum(known) / len(known) if known else 0
-        steps_left = sum((total if total is not None else typical_steps) - self.steps_done.get(unit, 0)
-                         for unit, total in self.plan.steps.items())
+        steps_left = sum(
+            (total if total is not None else typical_steps) - self.steps_done.get(unit, 0)
+            for unit, total in self.plan.steps.items()
+        )
         evals_left = sum(count - self.evals_done.get(unit, 0) for unit, count in self.plan.evaluations.items())
         per_step = sum(self.step_seconds) / len(self.step_seconds)
         per_eval = sum(self.eval_seconds) / len(self.eval_seconds)

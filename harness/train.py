@@ -80,8 +80,11 @@ class TrainResult:
 def make_accelerator(job: TrainJob):
     precision, why = resolve_precision(job.train.precision)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
-    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available())
+    has_accelerator = (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
     if accelerator.is_main_process:
         print(f"precision: {precision} ({why})", flush=True)
@@ -95,8 +98,10 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> None:
     recompile, so a run compiles about twice. On a CPU inductor builds C++ kernels: a compiler must exist.
     """
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-        raise UserError("train.compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; "
-                        "install one or set train.compile=false")
+        raise UserError(
+            "train.compile: torch.compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; "
+            "install one or set train.compile=false"
+        )
     model.compile()
 
 
@@ -106,9 +111,11 @@ def use_packing(t, model, device: torch.device) -> bool:
     On GPUs the per-sequence attention calls cost kernel launches that padding does not, so auto pads there.
     """
     if t.packing == "packed" and not packing.supports_packing(model):
-        raise UserError(f"train.packing=packed needs SDPA attention; this model uses "
-                        f"{packing.transformers_model(model).config._attn_implementation!r} "
-                        f"(set model.attn_implementation=sdpa or train.packing=padded)")
+        raise UserError(
+            f"train.packing=packed needs SDPA attention; this model uses "
+            f"{packing.transformers_model(model).config._attn_implementation!r} "
+            f"(set model.attn_implementation=sdpa or train.packing=padded)"
+        )
     if t.packing == "auto":
         return device.type == "cpu" and not t.compile and packing.supports_packing(model)
     return t.packing == "packed"
@@ -120,8 +127,16 @@ def loss_step(model, batch: dict[str, torch.Tensor], scale: float, penalties: li
     return loss + sum(penalties) if penalties else loss
 
 
-def accumulate_gradients(model, accelerator, examples: list[Example], micro_batch_tokens: int, pad_id: int,
-                         scale: float, penalties, packed: bool = False) -> tuple[torch.Tensor, int, int]:
+def accumulate_gradients(
+    model,
+    accelerator,
+    examples: list[Example],
+    micro_batch_tokens: int,
+    pad_id: int,
+    scale: float,
+    penalties,
+    packed: bool = False,
+) -> tuple[torch.Tensor, int, int]:
     """Forward and backward every micro-batch of `examples` (this process's share of one optimizer step).
 
     Micro-batches are packed rows (`harness.packing`, the model's attention switched to packed) or padded
@@ -256,8 +271,14 @@ def setup(job: TrainJob, accelerator) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mitigations = build_mitigations(job.mitigations)
     checkpoints = ckpt.checkpoint_dirs(Path(job.output_dir))  # resume from the newest complete one, if any
-    ctx = TrainContext(job, tokenizer, accelerator, tuple(examples), Path(job.output_dir),
-                       start_step=checkpoints[-1][0] if checkpoints else 0)
+    ctx = TrainContext(
+        job,
+        tokenizer,
+        accelerator,
+        tuple(examples),
+        Path(job.output_dir),
+        start_step=checkpoints[-1][0] if checkpoints else 0,
+    )
     model = chain(mitigations, "wrap_model", model, ctx)
     model.to(accelerator.device)
     if job.train.compile:
@@ -265,9 +286,23 @@ def setup(job: TrainJob, accelerator) -> Run:
     examples = list(chain(mitigations, "mix_data", examples, model, ctx))
     hook_results(mitigations, "prepare", model, ctx)
     model, optimizer, scheduler, steps = optimization(job, accelerator, model, mitigations, ctx, len(examples))
-    return Run(job, accelerator, tokenizer, examples, data_stats, heldout, model, mitigations, ctx, optimizer,
-               scheduler, steps, checkpoints, trainable=[p for p in model.parameters() if p.requires_grad],
-               lengths=[len(e) for e in examples])
+    return Run(
+        job,
+        accelerator,
+        tokenizer,
+        examples,
+        data_stats,
+        heldout,
+        model,
+        mitigations,
+        ctx,
+        optimizer,
+        scheduler,
+        steps,
+        checkpoints,
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        lengths=[len(e) for e in examples],
+    )
 
 
 def load_data(job: TrainJob, tokenizer, accelerator) -> tuple[list[Example], DataStats, list[Example] | None]:
@@ -281,9 +316,12 @@ def load_data(job: TrainJob, tokenizer, accelerator) -> tuple[list[Example], Dat
     if accelerator.is_main_process and not (output_dir / ckpt.CONFIG_NAME).is_file():
         atomic_write_yaml(output_dir / ckpt.CONFIG_NAME, to_dict(job))
     if accelerator.is_main_process:
-        print(f"data: {data_stats.examples} examples ({data_stats.truncated} truncated, "
-              f"{data_stats.dropped_truncated} dropped: response cut away by max_seq_len={job.data.max_seq_len}); "
-              f"{data_stats.target_tokens} of {data_stats.tokens} tokens are response tokens", flush=True)
+        print(
+            f"data: {data_stats.examples} examples ({data_stats.truncated} truncated, "
+            f"{data_stats.dropped_truncated} dropped: response cut away by max_seq_len={job.data.max_seq_len}); "
+            f"{data_stats.target_tokens} of {data_stats.tokens} tokens are response tokens",
+            flush=True,
+        )
     return examples, data_stats, heldout
 
 
@@ -297,7 +335,8 @@ def optimization(job: TrainJob, accelerator, model, mitigations: list, ctx: Trai
     optimizer = make_optimizer(groups or default_param_groups(model, t.weight_decay), t, accelerator.device)
     steps = plan_steps(n_examples, t.batch_size, t.epochs, t.max_steps, t.seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, len(steps), t.warmup_ratio, t.schedule, t.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, len(steps), t.warmup_ratio, t.schedule, t.min_lr_ratio)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     accelerator.register_for_checkpointing(scheduler)
@@ -337,8 +376,11 @@ def train_loop(run: Run, on_step=None) -> None:
     # exact: the last layer's MLP and output projection run only where a logit is taken (harness.last_layer)
     with packing.packed_attention_on(model) if run.packed else nullcontext(), last_layer.only_where_logits(model):
         if run.is_main:
-            print(f"micro-batches: {'packed, no padding' if run.packed else 'padded'} (train.packing={t.packing}), "
-                  f"up to {t.micro_batch_tokens} tokens each", flush=True)
+            print(
+                f"micro-batches: {'packed, no padding' if run.packed else 'padded'} (train.packing={t.packing}), "
+                f"up to {t.micro_batch_tokens} tokens each",
+                flush=True,
+            )
         with closing(StepLog(run, on_step)) as log:
             for step in range(run.start, len(run.steps)):
                 numbers = train_step(run, step)
@@ -355,11 +397,20 @@ def train_step(run: Run, step: int) -> StepNumbers:
     scale = accelerator.num_processes / max(1, target_tokens(step_examples))  # DDP averages over processes
     share = rank_share(run.steps[step], run.lengths, accelerator.process_index, accelerator.num_processes)
     step_loss, padded, real = accumulate_gradients(
-        model, accelerator, [run.examples[j] for j in share], t.micro_batch_tokens, run.tokenizer.pad_token_id,
-        scale, lambda: hook_results(run.mitigations, "penalty", model, run.ctx), packed=run.packed)
+        model,
+        accelerator,
+        [run.examples[j] for j in share],
+        t.micro_batch_tokens,
+        run.tokenizer.pad_token_id,
+        scale,
+        lambda: hook_results(run.mitigations, "penalty", model, run.ctx),
+        packed=run.packed,
+    )
     if run.packed and packing.CALLS["packed"] == 0:
-        raise RunError("train.packing: the model's attention did not go through transformers' attention "
-                       "interface, so packed sequences could see each other; set train.packing=padded")
+        raise RunError(
+            "train.packing: the model's attention did not go through transformers' attention "
+            "interface, so packed sequences could see each other; set train.packing=padded"
+        )
     run.padded_tokens += padded
     run.real_tokens += real
     hook_results(run.mitigations, "penalty_grad", model, run.ctx)
@@ -367,16 +418,24 @@ def train_step(run: Run, step: int) -> StepNumbers:
     step_loss = accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes
     loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
     if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise RunError(f"non-finite loss ({loss}) or gradient norm ({norm}) at step {step + 1}; not applied; "
-                       f"the last good checkpoint is kept in {run.output_dir}; lower train.lr or check the data")
+        raise RunError(
+            f"non-finite loss ({loss}) or gradient norm ({norm}) at step {step + 1}; not applied; "
+            f"the last good checkpoint is kept in {run.output_dir}; lower train.lr or check the data"
+        )
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    run.last = StepNumbers(loss=loss, lr=lr, grad_norm=norm, tokens=sum(len(e) for e in step_examples),
-                           target_tokens=target_tokens(step_examples), seconds=seconds,
-                           padding_fraction=1 - run.real_tokens / max(1, run.padded_tokens))
+    run.last = StepNumbers(
+        loss=loss,
+        lr=lr,
+        grad_norm=norm,
+        tokens=sum(len(e) for e in step_examples),
+        target_tokens=target_tokens(step_examples),
+        seconds=seconds,
+        padding_fraction=1 - run.real_tokens / max(1, run.padded_tokens),
+    )
     return run.last
 
 
@@ -394,16 +453,24 @@ class StepLog:
         if self.run.is_main and (done % self.run.job.train.log_every == 0 or done == total):
             self.write(done, numbers)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{numbers.loss:.4f}", lr=f"{numbers.lr:.2e}",
-                                  tok_s=f"{numbers.tokens_per_s:.0f}")
+        self.progress.set_postfix(
+            loss=f"{numbers.loss:.4f}", lr=f"{numbers.lr:.2e}", tok_s=f"{numbers.tokens_per_s:.0f}"
+        )
         if self.on_step is not None and self.run.is_main:
             self.on_step(done, total, numbers.loss)
 
     def write(self, done: int, numbers: StepNumbers) -> None:
-        record = {"step": done, "loss": numbers.loss, "lr": numbers.lr, "grad_norm": numbers.grad_norm,
-                  "tokens": numbers.tokens, "target_tokens": numbers.target_tokens,
-                  "tokens_per_s": numbers.tokens_per_s, "padding_fraction": numbers.padding_fraction,
-                  "seconds": numbers.seconds}
+        record = {
+            "step": done,
+            "loss": numbers.loss,
+            "lr": numbers.lr,
+            "grad_norm": numbers.grad_norm,
+            "tokens": numbers.tokens,
+            "target_tokens": numbers.target_tokens,
+            "tokens_per_s": numbers.tokens_per_s,
+            "padding_fraction": numbers.padding_fraction,
+            "seconds": numbers.seconds,
+        }
         with open(self.run.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -421,8 +488,16 @@ def maybe_checkpoint(run: Run, step: int) -> None:
     t, done = run.job.train, step + 1
     if not t.save_every or done % t.save_every or done == len(run.steps):
         return
-    ckpt.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.job, run.output_dir, f"checkpoint-{done:06d}",
-                         with_state=True, extra={"step": done})
+    ckpt.save_checkpoint(
+        run.accelerator,
+        run.model,
+        run.tokenizer,
+        run.job,
+        run.output_dir,
+        f"checkpoint-{done:06d}",
+        with_state=True,
+        extra={"step": done},
+    )
     if run.is_main:
         ckpt.prune_checkpoints(run.output_dir, max(1, t.keep_checkpoints))
 
@@ -433,21 +508,36 @@ def maybe_checkpoint(run: Run, step: int) -> None:
 def finish(run: Run) -> TrainResult:
     """The mitigations' reports, the held-out loss after training, and the final checkpoint with the summary."""
     accelerator, model = run.accelerator, run.model
-    padded, real = accelerator.reduce(torch.tensor([run.padded_tokens, run.real_tokens], device=accelerator.device),
-                                      reduction="sum").tolist()
+    padded, real = accelerator.reduce(
+        torch.tensor([run.padded_tokens, run.real_tokens], device=accelerator.device), reduction="sum"
+    ).tolist()
     reporting = [m.name for m in run.mitigations if hasattr(m, "report")]
     reports = dict(zip(reporting, hook_results(run.mitigations, "report", model, run.ctx), strict=True))
-    result = TrainResult(final_dir=run.output_dir / "final", steps=len(run.steps), data=run.data_stats,
-                         last_loss=run.last.loss if run.last else None,
-                         tokens_per_second=run.last.tokens_per_s if run.last else None,
-                         padding_fraction=1 - real / max(1, padded), heldout_loss=_heldout_losses(run),
-                         mitigation_reports=reports)
+    result = TrainResult(
+        final_dir=run.output_dir / "final",
+        steps=len(run.steps),
+        data=run.data_stats,
+        last_loss=run.last.loss if run.last else None,
+        tokens_per_second=run.last.tokens_per_s if run.last else None,
+        padding_fraction=1 - real / max(1, padded),
+        heldout_loss=_heldout_losses(run),
+        mitigation_reports=reports,
+    )
     summary = {k: v for k, v in asdict(result).items() if k != "final_dir"}
     extra_models = {}
     for part in hook_results(run.mitigations, "export", accelerator.unwrap_model(model), run.ctx):
         extra_models.update(part)
-    ckpt.save_checkpoint(accelerator, model, run.tokenizer, run.job, run.output_dir, "final", with_state=False,
-                         extra=summary, extra_models=extra_models)
+    ckpt.save_checkpoint(
+        accelerator,
+        model,
+        run.tokenizer,
+        run.job,
+        run.output_dir,
+        "final",
+        with_state=False,
+        extra=summary,
+        extra_models=extra_models,
+    )
     if run.is_main:
         ckpt.prune_checkpoints(run.output_dir, run.job.train.keep_checkpoints)
     return result
@@ -497,5 +587,11 @@ def _tensorboard(output_dir: Path):
 
 
 def _progress_bar(job: TrainJob, is_main: bool, start: int, total: int):
-    return tqdm(total=total, initial=start, disable=not (is_main and job.train.progress), desc="train",
-                unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=not (is_main and job.train.progress),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )

@@ -6,17 +6,27 @@ Importing the package registers the built-in mitigations; a plugin registers its
 
 from mitigations import ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft  # noqa: F401  (registers them)
 from mitigations.registry import (
-                                  CHAINED,
-                                  HOOKS,
-                                  REGISTRY,
-                                  Mitigation,
-                                  build_mitigations,
-                                  chain,
-                                  hook_results,
-                                  register_mitigation,
-                                  registered,
-                                  validate_specs,
+    CHAINED,
+    HOOKS,
+    REGISTRY,
+    Mitigation,
+    build_mitigations,
+    chain,
+    hook_results,
+    register_mitigation,
+    registered,
+    validate_specs,
 )
 
-__all__ = ["CHAINED", "HOOKS", "REGISTRY", "Mitigation", "build_mitigations", "chain", "hook_results",
-           "register_mitigation", "registered", "validate_specs"]
+__all__ = [
+    "CHAINED",
+    "HOOKS",
+    "REGISTRY",
+    "Mitigation",
+    "build_mitigations",
+    "chain",
+    "hook_results",
+    "register_mitigation",
+    "registered",
+    "validate_specs",
+]

@@ -47,14 +47,21 @@ from mitigations.registry import register_mitigation
 @dataclass
 class EWCConfig:
     strength: float = knob(1.0, "lambda: weight of the Fisher-weighted squared distance to the start")
-    estimator: Literal["empirical", "sampled"] = knob("empirical", "Fisher at the data's labels, or at labels sampled from the model")
+    estimator: Literal["empirical", "sampled"] = knob(
+        "empirical", "Fisher at the data's labels, or at labels sampled from the model"
+    )
     data: GeneralData = knob(GeneralData(), "the examples the Fisher is averaged over")
-    normalize: Literal["none", "mean", "max"] = knob("none", "divide F by its mean or max (then strength is scale-free)")
+    normalize: Literal["none", "mean", "max"] = knob(
+        "none", "divide F by its mean or max (then strength is scale-free)"
+    )
     fisher_path: Optional[str] = knob(None, "load F and theta* from this safetensors file instead of estimating")
     online_decay: Optional[float] = knob(None, "online EWC: F = decay * F(fisher_path) + new estimate, theta* = start")
     seed: int = knob(0, "seed of the sampled estimator")
-    moved_keys: ClassVar[dict[str, str]] = {"samples": "data.size", "max_new_tokens": "data.max_new_tokens",
-                                            "max_seq_len": "data.max_seq_len"}
+    moved_keys: ClassVar[dict[str, str]] = {
+        "samples": "data.size",
+        "max_new_tokens": "data.max_new_tokens",
+        "max_seq_len": "data.max_seq_len",
+    }
 
     def __post_init__(self):
         if not self.strength >= 0:
@@ -84,8 +91,10 @@ def penalised(model) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[s
     factors = {id(f) for _, m in layers for f in lora_factors(m)}
     plain = [(n, p) for n, p in trainable(model) if id(p) not in factors]
     if any("lora_" in n for n, _ in plain):
-        raise UserError("mitigations: ewc supports LoRA on linear layers only (these adapters are not: "
-                        f"{next(n for n, _ in plain if 'lora_' in n)})")
+        raise UserError(
+            "mitigations: ewc supports LoRA on linear layers only (these adapters are not: "
+            f"{next(n for n, _ in plain if 'lora_' in n)})"
+        )
     return plain, [(f"{n}.base_layer.weight", m) for n, m in layers]
 
 
@@ -93,8 +102,9 @@ def sample_labels(model, batch: dict, generator: torch.Generator) -> dict:
     """The batch with every target replaced by a draw from the model's predictive distribution."""
     keep, _ = next_token_targets(batch["labels"])
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep, use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+        ).logits
     drawn = torch.multinomial(torch.softmax(logits.float(), -1).cpu(), 1, generator=generator).squeeze(-1)
     labels = batch["labels"].clone()
     following = labels[:, 1:]
@@ -102,8 +112,9 @@ def sample_labels(model, batch: dict, generator: torch.Generator) -> dict:
     return dict(batch, labels=labels)
 
 
-def estimate_fisher(model, examples: list, pad_id: int, estimator: str, seed: int = 0,
-                    params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def estimate_fisher(
+    model, examples: list, pad_id: int, estimator: str, seed: int = 0, params: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Diagonal Fisher: mean over examples of the squared gradient of each example's mean token log-likelihood.
 
     Of `params` (default: the trainable parameters); each must require grad.
@@ -137,7 +148,7 @@ class EWC:
         self.fisher: list[torch.Tensor] = []
         self.weighted_anchor: list[torch.Tensor] = []  # F * theta* of the plain parameters, formed on first use
         self.params: list[torch.nn.Parameter] = []  # what `penalised` found in prepare (the same objects after
-        self.layers: list[torch.nn.Module] = []     # DDP wrapping or compiling), so no step walks the modules
+        self.layers: list[torch.nn.Module] = []  # DDP wrapping or compiling), so no step walks the modules
         self.used_samples = 0
         self.data_counts: dict = {}  # self: answers finished / cut at max_new_tokens; text: texts cut
 
@@ -148,11 +159,13 @@ class EWC:
             metadata = handle.metadata() or {}
         saved_normalize = json.loads(metadata.get("config", "{}")).get("normalize", "none")
         if self.config.online_decay is not None and metadata.get("fisher") != "raw" and saved_normalize != "none":
-            raise UserError(f"mitigations: ewc fisher_path {path} holds a normalised Fisher (saved by an older "
-                            f"version), which cannot be combined with a new estimate; re-estimate it")
+            raise UserError(
+                f"mitigations: ewc fisher_path {path} holds a normalised Fisher (saved by an older "
+                f"version), which cannot be combined with a new estimate; re-estimate it"
+            )
         tensors = load_file(path)
-        fisher = {k[len("fisher."):]: v for k, v in tensors.items() if k.startswith("fisher.")}
-        anchor = {k[len("anchor."):]: v for k, v in tensors.items() if k.startswith("anchor.")}
+        fisher = {k[len("fisher.") :]: v for k, v in tensors.items() if k.startswith("fisher.")}
+        anchor = {k[len("anchor.") :]: v for k, v in tensors.items() if k.startswith("anchor.")}
         if sorted(fisher) != sorted(self.names):
             raise UserError(f"mitigations: ewc fisher_path {path} holds other parameters than the trainable ones")
         return fisher, anchor
@@ -177,8 +190,9 @@ class EWC:
             for w in frozen:  # the gradient w.r.t. the base weight, taken while B = 0: the base model's
                 w.requires_grad_(True)
             try:
-                self.fisher = estimate_fisher(model, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed,
-                                              params=weights)
+                self.fisher = estimate_fisher(
+                    model, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed, params=weights
+                )
             finally:
                 for w in frozen:
                     w.requires_grad_(False)
@@ -188,8 +202,11 @@ class EWC:
             ctx.output_dir.mkdir(parents=True, exist_ok=True)
             tensors = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.fisher)}
             tensors |= {f"anchor.{n}": a.cpu().contiguous() for n, a in zip(self.names, self.anchor)}
-            save_file(tensors, str(ctx.output_dir / "ewc_fisher.safetensors"),
-                      metadata={"config": json.dumps(asdict(c)), "samples": str(self.used_samples), "fisher": "raw"})
+            save_file(
+                tensors,
+                str(ctx.output_dir / "ewc_fisher.safetensors"),
+                metadata={"config": json.dumps(asdict(c)), "samples": str(self.used_samples), "fisher": "raw"},
+            )
         if c.normalize != "none":
             flat = torch.cat([f.flatten() for f in self.fisher])
             scale = (flat.mean() if c.normalize == "mean" else flat.max()).clamp_min(1e-30)
@@ -206,8 +223,9 @@ class EWC:
         """The penalty (strength / 2) * sum F (theta - theta*)^2 (for reports and tests; not formed per step)."""
         k = len(self.params)
         terms = [(f * (p - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher)]
-        terms += [(f * self._lora_diff(m, a).pow(2)).sum()
-                  for m, a, f in zip(self.layers, self.anchor[k:], self.fisher[k:])]
+        terms += [
+            (f * self._lora_diff(m, a).pow(2)).sum() for m, a, f in zip(self.layers, self.anchor[k:], self.fisher[k:])
+        ]
         return 0.5 * self.config.strength * torch.stack(terms).sum()
 
     @torch.no_grad()
@@ -237,8 +255,16 @@ class EWC:
         flat = torch.cat([f.flatten() for f in self.fisher])
         with torch.no_grad():
             final = float(self._value(model))
-        return {"strength": self.config.strength, "estimator": self.config.estimator,
-                "samples": self.used_samples, "data": self.config.data.source, "normalize": self.config.normalize,
-                "online_decay": self.config.online_decay, **self.data_counts,
-                "lora_layers": len(self.layers), "fisher_mean": float(flat.mean()),
-                "fisher_max": float(flat.max()), "final_penalty": final}
+        return {
+            "strength": self.config.strength,
+            "estimator": self.config.estimator,
+            "samples": self.used_samples,
+            "data": self.config.data.source,
+            "normalize": self.config.normalize,
+            "online_decay": self.config.online_decay,
+            **self.data_counts,
+            "lora_layers": len(self.layers),
+            "fisher_mean": float(flat.mean()),
+            "fisher_max": float(flat.max()),
+            "final_penalty": final,
+        }

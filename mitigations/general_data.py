@@ -31,10 +31,14 @@ from mitigations.rehearsal import self_rehearsal
 
 @dataclass
 class GeneralData:
-    source: str = knob("self", "self (the base model's answers to general prompts), sft (the first SFT examples; "
-                               "ewc only), a .txt/.jsonl file, or a datasets name")
+    source: str = knob(
+        "self",
+        "self (the base model's answers to general prompts), sft (the first SFT examples; "
+        "ewc only), a .txt/.jsonl file, or a datasets name",
+    )
     kind: Literal["text", "conversations"] = knob(
-        "text", "file and datasets sources: plain text (full-sequence loss) or SFT conversations (response loss)")
+        "text", "file and datasets sources: plain text (full-sequence loss) or SFT conversations (response loss)"
+    )
     split: str = knob("train", "datasets split (datasets sources)")
     text_field: str = knob("text", "field holding the text (.jsonl and datasets sources)")
     size: int = knob(64, "distinct examples to draw (self: prompts the model answers)")
@@ -58,8 +62,9 @@ class GeneralData:
 def refuse_sft(data: GeneralData, mitigation: str) -> None:
     """A ValueError for `source: sft` where the SFT data itself would be the general data (replay, kl_to_base)."""
     if data.source == "sft":
-        raise ValueError(f"data.source: sft is for ewc only; {mitigation} needs general data (self, a file or "
-                         f"a datasets name)")
+        raise ValueError(
+            f"data.source: sft is for ewc only; {mitigation} needs general data (self, a file or a datasets name)"
+        )
 
 
 def general_examples(data: GeneralData, model, ctx, cache_file: Path) -> tuple[list[Example], dict]:
@@ -72,11 +77,18 @@ def general_examples(data: GeneralData, model, ctx, cache_file: Path) -> tuple[l
     if data.source == "sft":
         return list(ctx.examples[: data.size]), {}
     if data.source == "self":
-        return self_rehearsal(model, tokenizer, ctx.job.data.format, data.size, data.max_new_tokens,
-                              data.max_seq_len, cache_file)
+        return self_rehearsal(
+            model, tokenizer, ctx.job.data.format, data.size, data.max_new_tokens, data.max_seq_len, cache_file
+        )
     if data.kind == "conversations":
-        sft = replace(ctx.job.data, path=data.source, split=data.split, limit=data.size,
-                      max_seq_len=data.max_seq_len, eval_split=None)
+        sft = replace(
+            ctx.job.data,
+            path=data.source,
+            split=data.split,
+            limit=data.size,
+            max_seq_len=data.max_seq_len,
+            eval_split=None,
+        )
         return tokenize_all(load_conversations(sft), tokenizer, sft)[0], {}
     texts = read_texts(data.source, data.split, data.text_field, data.size)
     examples = [text_example(tokenizer, t, data.max_seq_len) for t in texts]
@@ -114,8 +126,9 @@ def read_texts(source: str, split: str, field: str, limit: int) -> list[str]:
             stream = datasets.load_dataset(source, split=split, streaming=True)
             texts = [row[field] for row in stream.take(limit)]
         except Exception as err:  # offline, missing, wrong field
-            raise UserError(f"mitigations: cannot stream general data source {source!r}: "
-                            f"{str(err).splitlines()[0]}") from None
+            raise UserError(
+                f"mitigations: cannot stream general data source {source!r}: {str(err).splitlines()[0]}"
+            ) from None
     if not texts:
         raise UserError(f"mitigations: general data source {source} has no text")
     return texts[:limit]

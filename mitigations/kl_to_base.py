@@ -29,8 +29,12 @@ class KLToBaseConfig:
     strength: float = knob(0.1, "beta: weight of the KL term")
     data: GeneralData = knob(GeneralData(size=32), "the general examples the KL is taken on")
     batch_size: int = knob(4, "general examples per optimizer step")
-    moved_keys: ClassVar[dict[str, str]] = {"source": "data.source", "pool_size": "data.size",
-                                            "max_new_tokens": "data.max_new_tokens", "max_seq_len": "data.max_seq_len"}
+    moved_keys: ClassVar[dict[str, str]] = {
+        "source": "data.source",
+        "pool_size": "data.size",
+        "max_new_tokens": "data.max_new_tokens",
+        "max_seq_len": "data.max_seq_len",
+    }
 
     def __post_init__(self):
         if not self.strength >= 0:
@@ -42,14 +46,16 @@ class KLToBaseConfig:
 
 def logits_at_targets(model, batch):
     keep, _ = next_token_targets(batch["labels"])
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                 use_cache=False).logits.float()
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    ).logits.float()
 
 
 def kl_base_current(base_logits: torch.Tensor, current_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(p_base || p_current)."""
-    return F.kl_div(F.log_softmax(current_logits, -1), F.log_softmax(base_logits, -1), log_target=True,
-                    reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(current_logits, -1), F.log_softmax(base_logits, -1), log_target=True, reduction="batchmean"
+    )
 
 
 @register_mitigation("kl_to_base", KLToBaseConfig)
@@ -85,5 +91,10 @@ class KLToBase:
         return self.config.strength * kl
 
     def report(self, model, ctx) -> dict:
-        return {"strength": self.config.strength, "source": self.config.data.source, "pool": len(self.pool),
-                **self.counts, "last_kl": float(self.last)}
+        return {
+            "strength": self.config.strength,
+            "source": self.config.data.source,
+            "pool": len(self.pool),
+            **self.counts,
+            "last_kl": float(self.last),
+        }

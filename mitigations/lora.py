@@ -42,9 +42,14 @@ class Lora:
         missing = [m for m in self.config.target_modules if m not in names]
         if missing:
             raise UserError(f"mitigations: lora target_modules {missing} are not in the model")
-        peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, lora_dropout=self.config.dropout,
-                                 target_modules=list(self.config.target_modules),
-                                 modules_to_save=list(self.config.modules_to_save) or None, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=self.config.r,
+            lora_alpha=self.config.alpha,
+            lora_dropout=self.config.dropout,
+            target_modules=list(self.config.target_modules),
+            modules_to_save=list(self.config.modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, peft_config)
 
     def export(self, model, ctx) -> dict:
@@ -55,5 +60,9 @@ class Lora:
     def report(self, model, ctx) -> dict:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {"r": self.config.r, "alpha": self.config.alpha, "trainable_params": trainable,
-                "trainable_fraction": trainable / total}
+        return {
+            "r": self.config.r,
+            "alpha": self.config.alpha,
+            "trainable_params": trainable,
+            "trainable_fraction": trainable / total,
+        }

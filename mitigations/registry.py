@@ -72,8 +72,10 @@ def _check_hooks(name: str, impl: type) -> None:
             continue
         close = difflib.get_close_matches(attribute, HOOKS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise TypeError(f"mitigation {name!r} ({impl.__name__}): public method {attribute!r} is not a hook; {hint}"
-                        f"hooks: {', '.join(HOOKS)} (name a helper with a leading underscore)")
+        raise TypeError(
+            f"mitigation {name!r} ({impl.__name__}): public method {attribute!r} is not a hook; {hint}"
+            f"hooks: {', '.join(HOOKS)} (name a helper with a leading underscore)"
+        )
 
 
 def registered() -> dict[str, tuple[type, type]]:
@@ -108,8 +110,10 @@ def _one_param_groups(names: list[str]) -> None:
     """Two `param_groups` hooks cannot both be honoured (the optimizer takes one list of groups)."""
     setting = [name for name in names if hasattr(REGISTRY[name][1], "param_groups")]
     if len(setting) > 1:
-        raise UserError(f"mitigations: {setting[0]!r} and {setting[1]!r} both set the optimizer's parameter "
-                        f"groups (param_groups); use one of them")
+        raise UserError(
+            f"mitigations: {setting[0]!r} and {setting[1]!r} both set the optimizer's parameter "
+            f"groups (param_groups); use one of them"
+        )
 
 
 def build_mitigations(specs: list[dict]) -> list[Any]:

@@ -24,12 +24,19 @@ from mitigations.registry import register_mitigation
 class ReplayConfig:
     ratio: float = knob(0.2, "share of the mixed training stream that is replay data, in [0, 1)")
     by: Literal["target_tokens", "tokens", "examples"] = knob(
-        "target_tokens", "what the ratio counts: target_tokens (the share of the loss), tokens or examples")
+        "target_tokens", "what the ratio counts: target_tokens (the share of the loss), tokens or examples"
+    )
     data: GeneralData = knob(GeneralData(), "the replay examples: the pool the quota is drawn from")
     seed: int = knob(0, "seed for which replay examples fill the quota")
-    moved_keys: ClassVar[dict[str, str]] = {"source": "data.source", "kind": "data.kind", "split": "data.split",
-                                            "text_field": "data.text_field", "pool_size": "data.size",
-                                            "max_new_tokens": "data.max_new_tokens", "max_seq_len": "data.max_seq_len"}
+    moved_keys: ClassVar[dict[str, str]] = {
+        "source": "data.source",
+        "kind": "data.kind",
+        "split": "data.split",
+        "text_field": "data.text_field",
+        "pool_size": "data.size",
+        "max_new_tokens": "data.max_new_tokens",
+        "max_seq_len": "data.max_seq_len",
+    }
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -75,9 +82,16 @@ class Replay:
         extra = fill_quota(pool, examples, self.config.ratio, self.config.by, random.Random(self.config.seed))
         mixed = list(examples) + extra
         share = shares(extra, mixed)
-        self.stats = {"ratio": self.config.ratio, "by": self.config.by, "source": self.config.data.source,
-                      "pool": len(pool), **counts, "replay_examples": len(extra),
-                      "realised_ratio": share[self.config.by], "share": share}
+        self.stats = {
+            "ratio": self.config.ratio,
+            "by": self.config.by,
+            "source": self.config.data.source,
+            "pool": len(pool),
+            **counts,
+            "replay_examples": len(extra),
+            "realised_ratio": share[self.config.by],
+            "share": share,
+        }
         return mixed
 
     def report(self, model, ctx) -> dict:

@@ -28,19 +28,24 @@ from reports.stats import (
 def primary_metrics(scores: pd.DataFrame, exp) -> dict[str, str]:
     """task -> the metric compared, for every task the base model was scored on."""
     base = scores[scores["model"] == "base"]
-    return {task: primary_metric(task, list(group["metric"]), exp.primary_metrics) for task, group in base.groupby("task", sort=True)}
+    return {
+        task: primary_metric(task, list(group["metric"]), exp.primary_metrics)
+        for task, group in base.groupby("task", sort=True)
+    }
 
 
 # Metrics where drifting either way from the base is the loss: answer length (longer is not better).
 TWO_SIDED = {"response_words"}
 
-LOSS_TEXT = ("A benchmark's loss, with b its base score and a its score after (> 0: worse than the base): "
-             "for a share of examples (every example scored 0 or 1), the share of good outcomes lost, "
-             "(g_b − g_a) / g_b with g = score when higher is better and g = 1 − score for a failure rate such as "
-             "leak or empty rate (so a rate from 0 counts), or g_b − g_a when g_b = 0; for answer length in words, "
-             "|ln((a + 1) / (b + 1))|, so longer and shorter both count; for other metrics (bits per byte, "
-             "perplexity), the relative change in the bad direction, (b − a) / |b| when higher is better and "
-             "(a − b) / |b| when lower is better, left out when b = 0.")
+LOSS_TEXT = (
+    "A benchmark's loss, with b its base score and a its score after (> 0: worse than the base): "
+    "for a share of examples (every example scored 0 or 1), the share of good outcomes lost, "
+    "(g_b − g_a) / g_b with g = score when higher is better and g = 1 − score for a failure rate such as "
+    "leak or empty rate (so a rate from 0 counts), or g_b − g_a when g_b = 0; for answer length in words, "
+    "|ln((a + 1) / (b + 1))|, so longer and shorter both count; for other metrics (bits per byte, "
+    "perplexity), the relative change in the bad direction, (b − a) / |b| when higher is better and "
+    "(a − b) / |b| when lower is better, left out when b = 0."
+)
 
 
 def gain(delta: float, higher_is_better: bool) -> float:
@@ -76,28 +81,53 @@ def benchmark_table(scores: pd.DataFrame, examples: pd.DataFrame, exp, iters: in
     tuned = scores[scores["model"] == "tuned"]
     for task, metric in primary_metrics(scores, exp).items():
         base_row = base_scores.loc[(task, metric)]
-        base_examples = examples[(examples["unit"] == "base") & (examples["task"] == task) & (examples["metric"] == metric)]
+        base_examples = examples[
+            (examples["unit"] == "base") & (examples["task"] == task) & (examples["metric"] == metric)
+        ]
         # a share of examples: known from the base's per-example scores (none saved: treated as unbounded)
         proportion = bool(len(base_examples)) and bool(np.isin(base_examples["value"], (0.0, 1.0)).all())
         hib = bool(base_row["higher_is_better"])
         for (strategy, variant), group in tuned[(tuned["task"] == task) & (tuned["metric"] == metric)].groupby(
-                ["strategy", "variant"], sort=False):
+            ["strategy", "variant"], sort=False
+        ):
             group = group.sort_values("seed")
             after = float(group["value"].mean())
             delta = after - float(base_row["value"])
             rel = delta / abs(base_row["value"]) if base_row["value"] != 0 else math.nan
             se_low, se_high = stderr_ci(delta, float(base_row["stderr"]), list(group["stderr"].astype(float)))
-            row = {"strategy": strategy, "variant": variant, "alpha": float(group["alpha"].iloc[0]), "task": task,
-                   "metric": metric, "higher_is_better": hib, "proportion": proportion,
-                   "target": task == exp.target_task, "base": float(base_row["value"]), "after": after,
-                   "seeds": len(group), "seed_std": float(group["value"].std(ddof=1)) if len(group) > 1 else math.nan,
-                   "delta": delta, "rel_delta": rel, "se_ci_low": se_low, "se_ci_high": se_high,
-                   # per seed, then averaged: the ranking's forgetting is the mean of this column (non-target rows)
-                   "loss": float(np.mean([benchmark_loss(metric, hib, proportion, float(base_row["value"]), v)
-                                          for v in group["value"]]))}
-            seed_examples = [examples[(examples["unit"] == unit) & (examples["variant"] == variant)
-                                      & (examples["task"] == task) & (examples["metric"] == metric)]
-                             for unit in group["unit"]]
+            row = {
+                "strategy": strategy,
+                "variant": variant,
+                "alpha": float(group["alpha"].iloc[0]),
+                "task": task,
+                "metric": metric,
+                "higher_is_better": hib,
+                "proportion": proportion,
+                "target": task == exp.target_task,
+                "base": float(base_row["value"]),
+                "after": after,
+                "seeds": len(group),
+                "seed_std": float(group["value"].std(ddof=1)) if len(group) > 1 else math.nan,
+                "delta": delta,
+                "rel_delta": rel,
+                "se_ci_low": se_low,
+                "se_ci_high": se_high,
+                # per seed, then averaged: the ranking's forgetting is the mean of this column (non-target rows)
+                "loss": float(
+                    np.mean(
+                        [benchmark_loss(metric, hib, proportion, float(base_row["value"]), v) for v in group["value"]]
+                    )
+                ),
+            }
+            seed_examples = [
+                examples[
+                    (examples["unit"] == unit)
+                    & (examples["variant"] == variant)
+                    & (examples["task"] == task)
+                    & (examples["metric"] == metric)
+                ]
+                for unit in group["unit"]
+            ]
             if len(base_examples) and all(len(s) for s in seed_examples):
                 table = align(base_examples, seed_examples)
                 boot = paired_bootstrap(table, iters=iters)
@@ -117,19 +147,37 @@ def strategy_table(benchmarks: pd.DataFrame, scores: pd.DataFrame, exp) -> pd.Da
     for (strategy, variant), group in benchmarks.groupby(["strategy", "variant"], sort=False):
         kept = group[~group["target"]]
         per_seed = []
-        for seed, seed_scores in tuned[(tuned["strategy"] == strategy) & (tuned["variant"] == variant)].groupby("seed"):
+        for _, seed_scores in tuned[(tuned["strategy"] == strategy) & (tuned["variant"] == variant)].groupby("seed"):
             values = seed_scores.set_index(["task", "metric"])["value"]
-            per_seed.append(_nanmean([benchmark_loss(r.metric, r.higher_is_better, r.proportion,
-                                                     base[(r.task, r.metric)], values[(r.task, r.metric)])
-                                      for r in kept.itertuples()]))
+            per_seed.append(
+                _nanmean(
+                    [
+                        benchmark_loss(
+                            r.metric,
+                            r.higher_is_better,
+                            r.proportion,
+                            base[(r.task, r.metric)],
+                            values[(r.task, r.metric)],
+                        )
+                        for r in kept.itertuples()
+                    ]
+                )
+            )
         target = group[group["target"]]
-        rows.append({"strategy": strategy, "variant": variant, "alpha": float(group["alpha"].iloc[0]),
-                     "forgetting": float(np.mean(per_seed)),  # = the mean of the benchmarks' `loss` column
-                     "forgetting_seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan,
-                     "target_gain": gain(float(target["delta"].iloc[0]), bool(target["higher_is_better"].iloc[0]))
-                     if len(target) else math.nan,
-                     "target_after": float(target["after"].iloc[0]) if len(target) else math.nan,
-                     "seeds": int(group["seeds"].max())})
+        rows.append(
+            {
+                "strategy": strategy,
+                "variant": variant,
+                "alpha": float(group["alpha"].iloc[0]),
+                "forgetting": float(np.mean(per_seed)),  # = the mean of the benchmarks' `loss` column
+                "forgetting_seed_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else math.nan,
+                "target_gain": gain(float(target["delta"].iloc[0]), bool(target["higher_is_better"].iloc[0]))
+                if len(target)
+                else math.nan,
+                "target_after": float(target["after"].iloc[0]) if len(target) else math.nan,
+                "seeds": int(group["seeds"].max()),
+            }
+        )
     table = pd.DataFrame(rows)
     table["pareto"] = pareto_front(table.assign(_gain=table["target_gain"].fillna(0.0)), "forgetting", "_gain")
     finals = table[table["variant"] == "final"].sort_values(["forgetting", "target_gain"], ascending=[True, False])

@@ -36,7 +36,7 @@ from harness.errors import HarnessError, RunError, UserError
 from harness.experiment import primary_metric
 from reports.tidy import score_rows
 
-MAX_EXACT = 2 ** 20  # sign patterns (after grouping ties) enumerated exactly; Monte Carlo above
+MAX_EXACT = 2**20  # sign patterns (after grouping ties) enumerated exactly; Monte Carlo above
 PERMUTATIONS = 20000
 NO_DOCUMENTS = "threshold only: no per-document scores"
 THRESHOLD_TEST = "threshold only (test: threshold)"
@@ -70,9 +70,13 @@ def runtime_failure(err: Exception) -> GateRunError:
 class Thresholds:
     default: dict = knob({"max_drop": "0.02"}, "rule for every compared metric without its own")
     metrics: dict[str, dict] = knob({}, "task or task/metric -> rule, e.g. {forgetting_knowledge: {max_drop: 3%}}")
-    test: Literal["paired", "threshold"] = knob("paired", "paired: a drop must also be significant; threshold: the drop alone")
+    test: Literal["paired", "threshold"] = knob(
+        "paired", "paired: a drop must also be significant; threshold: the drop alone"
+    )
     alpha: float = knob(0.05, "familywise significance level across the tested metrics (Holm)")
-    compare: Literal["primary", "all"] = knob("primary", "metrics compared: each task's primary metric, or every metric")
+    compare: Literal["primary", "all"] = knob(
+        "primary", "metrics compared: each task's primary metric, or every metric"
+    )
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:
@@ -102,7 +106,9 @@ def cli_thresholds(max_drop: list[str], min_gain: list[str], test: str | None, a
     for flag, items in (("max_drop", max_drop), ("min_gain", min_gain)):
         for item in items:
             if "=" not in item:
-                raise UserError(f"--{flag.replace('_', '-')} {item!r}: expected TASK[/METRIC]=VALUE, e.g. forgetting_knowledge=0.02")
+                raise UserError(
+                    f"--{flag.replace('_', '-')} {item!r}: expected TASK[/METRIC]=VALUE, e.g. forgetting_knowledge=0.02"
+                )
             key, value = item.split("=", 1)
             if flag == "min_gain":
                 try:
@@ -118,8 +124,14 @@ def cli_thresholds(max_drop: list[str], min_gain: list[str], test: str | None, a
     return out
 
 
-def sign_flip_pvalue(diffs: np.ndarray, weights: np.ndarray, allowance: float = 0.0, permutations: int = PERMUTATIONS,
-                     seed: int = 0, max_exact: int = MAX_EXACT) -> tuple[float, str]:
+def sign_flip_pvalue(
+    diffs: np.ndarray,
+    weights: np.ndarray,
+    allowance: float = 0.0,
+    permutations: int = PERMUTATIONS,
+    seed: int = 0,
+    max_exact: int = MAX_EXACT,
+) -> tuple[float, str]:
     """(p, "exact" or "Monte Carlo"): one-sided p-value of H0 "weighted mean of `diffs` <= allowance".
 
     `diffs` are per-document differences, > 0 worse. At H0's boundary each shifted difference is as likely
@@ -136,8 +148,12 @@ def sign_flip_pvalue(diffs: np.ndarray, weights: np.ndarray, allowance: float = 
         sums, probs = np.zeros(1), np.ones(1)
         for magnitude, count in zip(magnitudes, counts):
             negative = np.arange(count + 1)
-            pmf = np.exp([math.lgamma(count + 1) - math.lgamma(k + 1) - math.lgamma(count - k + 1) - count * math.log(2)
-                          for k in negative])  # Binomial(count, 1/2), in logs: thousands of ties stay finite
+            pmf = np.exp(
+                [
+                    math.lgamma(count + 1) - math.lgamma(k + 1) - math.lgamma(count - k + 1) - count * math.log(2)
+                    for k in negative
+                ]
+            )  # Binomial(count, 1/2), in logs: thousands of ties stay finite
             sums = np.add.outer(sums, magnitude * (count - 2 * negative)).ravel()
             probs = np.multiply.outer(probs, pmf).ravel()
         return min(1.0, float(probs[sums >= observed - tol].sum())), "exact"
@@ -194,8 +210,14 @@ def _rule_for(thresholds: Thresholds, task: str, metric: str) -> dict | None:
 def per_document(results: dict, task: str, metric: str) -> dict[int, tuple[float, float]] | None:
     """{doc: (value, weight)} whose weighted mean is the task's score (its log for perplexities); None when
     lm-eval kept no per-document scores the score is such a mean of."""
-    aggregation = next((m.get("aggregation") for m in results.get("configs", {}).get(task, {}).get("metric_list", [])
-                        if m.get("metric") == metric), None)
+    aggregation = next(
+        (
+            m.get("aggregation")
+            for m in results.get("configs", {}).get(task, {}).get("metric_list", [])
+            if m.get("metric") == metric
+        ),
+        None,
+    )
     out = {}
     for sample in results.get("samples", {}).get(task, []):
         value = sample.get(metric)
@@ -237,8 +259,11 @@ def _judge(check: Check, alpha: float) -> None:
     reasons = [f"gain {gain:+.4f} >= required {required}"] if required is not None else []
     if check.allowed is not None:
         beyond = check.bad > check.allowed
-        drop = (f"drop {check.bad:.4f} > allowed {check.allowed:.4f}" if beyond
-                else f"drop {max(check.bad, 0.0) + 0.0:.4f} <= allowed {check.allowed:.4f}")  # + 0.0: not -0.0000
+        drop = (
+            f"drop {check.bad:.4f} > allowed {check.allowed:.4f}"
+            if beyond
+            else f"drop {max(check.bad, 0.0) + 0.0:.4f} <= allowed {check.allowed:.4f}"
+        )  # + 0.0: not -0.0000
         if check.p_holm is None:  # judged by the threshold alone: say so
             check.status = "regression" if beyond else "pass"
             drop += f" ({check.method})"
@@ -262,8 +287,14 @@ def compare(baseline: dict, candidate: dict, thresholds: Thresholds, primary: di
             continue
         if (task, metric) not in cand_scores:
             raise UserError(f"candidate results lack {task}/{metric}")
-        check = Check(task, metric, row["value"], cand_scores[(task, metric)], row["higher_is_better"],
-                      _rule_for(thresholds, task, metric))
+        check = Check(
+            task,
+            metric,
+            row["value"],
+            cand_scores[(task, metric)],
+            row["higher_is_better"],
+            _rule_for(thresholds, task, metric),
+        )
         if check.rule.get("max_drop") is not None:
             amount, relative = parse_drop(check.rule["max_drop"], "max_drop")
             check.allowed = amount * abs(check.baseline) if relative else amount
@@ -286,31 +317,48 @@ def _p(value: float | None) -> str:
 
 def markdown(checks: list[Check], title: str) -> str:
     verdict = "PASS" if all(c.status == "pass" for c in checks) else "FAIL"
-    lines = [f"### {title}: {verdict}", "", "| task | metric | baseline | candidate | delta | p | Holm p | test | result | why |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {title}: {verdict}",
+        "",
+        "| task | metric | baseline | candidate | delta | p | Holm p | test | result | why |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in checks:
         mark = "✅ pass" if c.status == "pass" else f"❌ {c.status}"
-        lines.append(f"| {c.task} | {c.metric} | {c.baseline:.4f} | {c.candidate:.4f} | {c.delta:+.4f} | {_p(c.p_value)} "
-                     f"| {_p(c.p_holm)} | {c.method or '–'} | {mark} | {c.reason} |")
+        lines.append(
+            f"| {c.task} | {c.metric} | {c.baseline:.4f} | {c.candidate:.4f} | {c.delta:+.4f} | {_p(c.p_value)} "
+            f"| {_p(c.p_holm)} | {c.method or '–'} | {mark} | {c.reason} |"
+        )
     tested = sum(c.p_holm is not None for c in checks)
     if tested:
-        lines += ["", f"p: one-sided paired sign-flip test of H0 'drop <= allowed' over the documents (exact: every "
-                      f"sign pattern; Monte Carlo: {PERMUTATIONS} random ones); Holm p: adjusted across the {tested} "
-                      f"tested metric{'s' if tested > 1 else ''}; a regression needs Holm p <= alpha, which bounds "
-                      f"the chance of failing any metric whose true drop is within its allowance."]
+        lines += [
+            "",
+            f"p: one-sided paired sign-flip test of H0 'drop <= allowed' over the documents (exact: every "
+            f"sign pattern; Monte Carlo: {PERMUTATIONS} random ones); Holm p: adjusted across the {tested} "
+            f"tested metric{'s' if tested > 1 else ''}; a regression needs Holm p <= alpha, which bounds "
+            f"the chance of failing any metric whose true drop is within its allowance.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def junit_xml(checks: list[Check], name: str, seconds: float) -> str:
     """JUnit XML: one test case per compared metric; regressions are failures."""
     failures = sum(c.status != "pass" for c in checks)
-    suite = ElementTree.Element("testsuite", name=name, tests=str(len(checks)), failures=str(failures), errors="0",
-                                skipped="0", time=f"{seconds:.1f}")
+    suite = ElementTree.Element(
+        "testsuite",
+        name=name,
+        tests=str(len(checks)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+        time=f"{seconds:.1f}",
+    )
     for c in checks:
-        case = ElementTree.SubElement(suite, "testcase", classname=f"forgetting.gate.{c.task}", name=c.metric,
-                                      time="0")
-        numbers = (f"baseline {c.baseline:.6f}, candidate {c.candidate:.6f}, delta {c.delta:+.6f}, "
-                   f"p {_p(c.p_value)}, Holm p {_p(c.p_holm)}, test {c.method or '–'}")
+        case = ElementTree.SubElement(suite, "testcase", classname=f"forgetting.gate.{c.task}", name=c.metric, time="0")
+        numbers = (
+            f"baseline {c.baseline:.6f}, candidate {c.candidate:.6f}, delta {c.delta:+.6f}, "
+            f"p {_p(c.p_value)}, Holm p {_p(c.p_holm)}, test {c.method or '–'}"
+        )
         if c.status != "pass":
             failure = ElementTree.SubElement(case, "failure", message=f"{c.status}: {c.reason}", type=c.status)
             failure.text = numbers
@@ -326,15 +374,19 @@ def check_same_settings(baseline: dict, candidate_settings: dict) -> None:
     """Refuse (exit 2) when the candidate would be evaluated differently from the baseline."""
     old = baseline.get("forgetting", {}).get("settings")
     if old is None:
-        raise UserError("--baseline: the results file has no 'forgetting.settings' (not written by this tool); "
-                        "pass the baseline model instead")
+        raise UserError(
+            "--baseline: the results file has no 'forgetting.settings' (not written by this tool); "
+            "pass the baseline model instead"
+        )
     ignored = {"batch_size", "include_path"}
     for key in sorted(set(old) | set(candidate_settings)):
         if key in ignored:
             continue
         if old.get(key) != candidate_settings.get(key):
-            raise UserError(f"settings differ from the baseline's: {key} = {candidate_settings.get(key)!r} here, "
-                            f"{old.get(key)!r} in the baseline; evaluate both the same way")
+            raise UserError(
+                f"settings differ from the baseline's: {key} = {candidate_settings.get(key)!r} here, "
+                f"{old.get(key)!r} in the baseline; evaluate both the same way"
+            )
 
 
 def check_same_documents(baseline: dict, candidate: dict) -> None:
@@ -342,9 +394,10 @@ def check_same_documents(baseline: dict, candidate: dict) -> None:
         before = {s["doc_id"]: s.get("doc_hash") for s in samples}
         after = {s["doc_id"]: s.get("doc_hash") for s in candidate.get("samples", {}).get(task, [])}
         if before != after:
-            raise UserError(f"{task}: the candidate was scored on other documents than the baseline "
-                            f"(the task's data changed); re-evaluate the baseline")
-
+            raise UserError(
+                f"{task}: the candidate was scored on other documents than the baseline "
+                f"(the task's data changed); re-evaluate the baseline"
+            )
 
 
 def load_baseline(source: str, settings_overrides: dict, cache_dir) -> tuple[dict, dict]:
@@ -360,8 +413,10 @@ def load_baseline(source: str, settings_overrides: dict, cache_dir) -> tuple[dic
         if not isinstance(baseline, dict) or "results" not in baseline:
             raise UserError(f"--baseline: {path} has no 'results' (not an lm-eval/forgetting results file)")
         if "batch_size" in settings_overrides:  # the candidate is evaluated with the baseline's settings
-            raise UserError("--batch-size: the baseline results file decides the settings (batching can change "
-                            "scores); drop the flag, or pass the baseline model to evaluate both at this size")
+            raise UserError(
+                "--batch-size: the baseline results file decides the settings (batching can change "
+                "scores); drop the flag, or pass the baseline model to evaluate both at this size"
+            )
         settings = dict(baseline.get("forgetting", {}).get("settings") or {})
         check_same_settings(baseline, settings | settings_overrides)
         return baseline, settings
@@ -370,14 +425,22 @@ def load_baseline(source: str, settings_overrides: dict, cache_dir) -> tuple[dic
     return evaluate(model, tokenizer, from_dict(EvalSettings, settings), cache_dir=cache_dir), settings
 
 
-def run_gate(candidate: str, adapter: str | None, baseline_source: str, thresholds: Thresholds,
-             settings_overrides: dict, cache_dir) -> tuple[list[Check], dict]:
+def run_gate(
+    candidate: str,
+    adapter: str | None,
+    baseline_source: str,
+    thresholds: Thresholds,
+    settings_overrides: dict,
+    cache_dir,
+) -> tuple[list[Check], dict]:
     """Evaluate the candidate like the baseline and compare; returns (checks, candidate results)."""
     baseline, settings = load_baseline(baseline_source, settings_overrides, cache_dir)
     model, tokenizer = load_for_eval(candidate, adapter)
     results = evaluate(model, tokenizer, from_dict(EvalSettings, settings), cache_dir=cache_dir)
     results["forgetting"]["model"] = {"source": candidate, "adapter": adapter}
     check_same_documents(baseline, results)
-    primary = {task: primary_metric(task, [metric for metric, _, _ in metric_entries(metrics)])
-               for task, metrics in baseline["results"].items()}
+    primary = {
+        task: primary_metric(task, [metric for metric, _, _ in metric_entries(metrics)])
+        for task, metrics in baseline["results"].items()
+    }
     return compare(baseline, results, thresholds, primary), results

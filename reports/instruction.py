@@ -28,10 +28,19 @@ def before_after(scores: pd.DataFrame, tasks: list[str], metrics: list[str]) -> 
     for (task, metric, strategy), group in tuned.groupby(["task", "metric", "strategy"], sort=False):
         before = float(base.loc[(task, metric), "value"])
         after = float(group["value"].mean())
-        rows.append({"task": task, "metric": metric, "strategy": strategy, "base": before,
-                     "base_stderr": float(base.loc[(task, metric), "stderr"]), "after": after,
-                     "after_stderr": float(group["stderr"].mean()), "delta": after - before,
-                     "ratio": after / before if before else math.nan})
+        rows.append(
+            {
+                "task": task,
+                "metric": metric,
+                "strategy": strategy,
+                "base": before,
+                "base_stderr": float(base.loc[(task, metric), "stderr"]),
+                "after": after,
+                "after_stderr": float(group["stderr"].mean()),
+                "delta": after - before,
+                "ratio": after / before if before else math.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 

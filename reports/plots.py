@@ -40,11 +40,19 @@ def deltas_plot(benchmarks: pd.DataFrame) -> bytes | None:
         low = 100 * sign * rows.get("rel_ci_low", pd.Series(math.nan, index=rows.index)).to_numpy(dtype=float)
         high = 100 * sign * rows.get("rel_ci_high", pd.Series(math.nan, index=rows.index)).to_numpy(dtype=float)
         errors = np.nan_to_num(np.abs(np.vstack([value - np.minimum(low, high), np.maximum(low, high) - value])))
-        ax.bar(np.arange(len(tasks)) + (k - (len(strategies) - 1) / 2) * width, value, width, yerr=errors,
-               capsize=3, label=strategy)
+        ax.bar(
+            np.arange(len(tasks)) + (k - (len(strategies) - 1) / 2) * width,
+            value,
+            width,
+            yerr=errors,
+            capsize=3,
+            label=strategy,
+        )
     ax.axhline(0, color="black", linewidth=0.8)
-    labels = [f"{t.removeprefix('forgetting_')}\n{m}" + ("\n(0 is best)" if m in TWO_SIDED else "")
-              for t, m in dict.fromkeys(zip(table["task"], table["metric"]))]
+    labels = [
+        f"{t.removeprefix('forgetting_')}\n{m}" + ("\n(0 is best)" if m in TWO_SIDED else "")
+        for t, m in dict.fromkeys(zip(table["task"], table["metric"]))
+    ]
     ax.set_xticks(range(len(tasks)), labels, fontsize=8)
     ax.set_ylabel("change vs base, % (up = better)")
     ax.set_title("Benchmark change by strategy (95% paired bootstrap CI)")
@@ -61,15 +69,24 @@ def pareto_plot(summary: pd.DataFrame) -> bytes | None:
     finals = summary[summary["variant"] == "final"]
     for row in finals.itertuples():
         ax.scatter(100 * row.forgetting, row.target_gain, s=60, zorder=3, label=row.strategy)
-    for strategy, group in summary.groupby("strategy", sort=False):
+    for _, group in summary.groupby("strategy", sort=False):
         if len(group) < 2:
             continue
-        curve = pd.concat([pd.DataFrame([{"alpha": 0.0, "forgetting": 0.0, "target_gain": 0.0}]),
-                           group[["alpha", "forgetting", "target_gain"]]]).sort_values("alpha")
+        curve = pd.concat(
+            [
+                pd.DataFrame([{"alpha": 0.0, "forgetting": 0.0, "target_gain": 0.0}]),
+                group[["alpha", "forgetting", "target_gain"]],
+            ]
+        ).sort_values("alpha")
         ax.plot(100 * curve["forgetting"], curve["target_gain"], ":", marker=".", color="gray", zorder=2)
         for row in curve.itertuples():
-            ax.annotate(f"α={row.alpha:g}", (100 * row.forgetting, row.target_gain), fontsize=7,
-                        textcoords="offset points", xytext=(4, -8))
+            ax.annotate(
+                f"α={row.alpha:g}",
+                (100 * row.forgetting, row.target_gain),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, -8),
+            )
     front = summary[summary["pareto"]].sort_values("forgetting")
     ax.plot(100 * front["forgetting"], front["target_gain"], "--", color="black", linewidth=1, label="Pareto front")
     ax.set_xlabel("forgetting, % (mean loss on general benchmarks)")

@@ -69,8 +69,10 @@ th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-widt
 
 
 def to_html(title: str, sections: list[Section], figures: dict[str, bytes], appendix: str = "") -> str:
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     for section in sections:
         parts.append(f"<h{section.level}>{html.escape(section.heading)}</h{section.level}>")
         if section.text:
@@ -79,8 +81,10 @@ def to_html(title: str, sections: list[Section], figures: dict[str, bytes], appe
             parts.append(section.table.to_html(index=False, escape=True, border=0))
         if section.figure and section.figure in figures:
             data = base64.b64encode(figures[section.figure]).decode()
-            parts.append(f"<img alt=\"{html.escape(section.heading)}\" src=\"data:image/png;base64,{data}\">")
+            parts.append(f'<img alt="{html.escape(section.heading)}" src="data:image/png;base64,{data}">')
     if appendix:
-        parts.append(f"<details><summary>Resolved experiment config</summary><pre>{html.escape(appendix)}</pre></details>")
+        parts.append(
+            f"<details><summary>Resolved experiment config</summary><pre>{html.escape(appendix)}</pre></details>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -25,8 +25,11 @@ def align(base: pd.DataFrame, seeds: list[pd.DataFrame]) -> pd.DataFrame:
 def paired_bootstrap(table: pd.DataFrame, iters: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Delta (after - base, seeds averaged) and relative delta, each with a percentile bootstrap CI."""
     after_cols = [c for c in table.columns if c.startswith("after_")]
-    per_doc = table.assign(wb=table["weight"] * table["base"],
-                           **{f"w{c}": table["weight"] * table[c] for c in after_cols}).groupby("doc").sum()
+    per_doc = (
+        table.assign(wb=table["weight"] * table["base"], **{f"w{c}": table["weight"] * table[c] for c in after_cols})
+        .groupby("doc")
+        .sum()
+    )
     weights = per_doc["weight"].to_numpy()
     base = per_doc["wb"].to_numpy()
     after = per_doc[[f"w{c}" for c in after_cols]].to_numpy()
@@ -43,8 +46,14 @@ def paired_bootstrap(table: pd.DataFrame, iters: int = 2000, seed: int = 0, leve
     low, high = np.percentile(deltas, [tail, 100 - tail])
     rel_ok = rel[np.isfinite(rel)]
     rel_low, rel_high = np.percentile(rel_ok, [tail, 100 - tail]) if len(rel_ok) else (math.nan, math.nan)
-    return {"delta": float(point_delta), "ci_low": float(low), "ci_high": float(high),
-            "rel_ci_low": float(rel_low), "rel_ci_high": float(rel_high), "items": int(len(table))}
+    return {
+        "delta": float(point_delta),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "rel_ci_low": float(rel_low),
+        "rel_ci_high": float(rel_high),
+        "items": int(len(table)),
+    }
 
 
 def example_transitions(table: pd.DataFrame, higher_is_better: bool = True) -> dict:
@@ -67,7 +76,7 @@ def example_transitions(table: pd.DataFrame, higher_is_better: bool = True) -> d
 def stderr_ci(delta: float, base_stderr: float, after_stderrs: list[float], z: float = 1.959964) -> tuple[float, float]:
     """Unpaired normal CI of a delta from lm-eval's stderrs (after: the mean over seeds)."""
     after_se = math.sqrt(sum(s * s for s in after_stderrs)) / len(after_stderrs)
-    half = z * math.sqrt(base_stderr ** 2 + after_se ** 2)
+    half = z * math.sqrt(base_stderr**2 + after_se**2)
     return delta - half, delta + half
 
 

@@ -24,10 +24,35 @@ from harness.experiment import Experiment, units
 # Lower-is-better metrics, for results that do not say (lm-eval's `higher_is_better` is used when present)
 LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "leak_rate", "empty_rate"}
 
-SCORE_COLUMNS = ["model", "unit", "strategy", "family", "seed", "variant", "alpha", "task", "metric", "value",
-                 "stderr", "n", "higher_is_better"]
-EXAMPLE_COLUMNS = ["model", "unit", "strategy", "seed", "variant", "task", "metric", "doc", "item", "instruction",
-                   "value", "weight"]
+SCORE_COLUMNS = [
+    "model",
+    "unit",
+    "strategy",
+    "family",
+    "seed",
+    "variant",
+    "alpha",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+    "n",
+    "higher_is_better",
+]
+EXAMPLE_COLUMNS = [
+    "model",
+    "unit",
+    "strategy",
+    "seed",
+    "variant",
+    "task",
+    "metric",
+    "doc",
+    "item",
+    "instruction",
+    "value",
+    "weight",
+]
 
 
 def score_rows(results: dict, labels: dict) -> list[dict]:
@@ -37,9 +62,17 @@ def score_rows(results: dict, labels: dict) -> list[dict]:
         better = results.get("higher_is_better", {}).get(task, {})
         n = results.get("n-samples", {}).get(task, {}).get("effective")
         for metric, value, stderr in metric_entries(metrics):
-            rows.append(labels | {"task": task, "metric": metric, "value": value,
-                                  "stderr": math.nan if stderr is None else stderr,
-                                  "n": n, "higher_is_better": bool(better.get(metric, metric not in LOWER_IS_BETTER))})
+            rows.append(
+                labels
+                | {
+                    "task": task,
+                    "metric": metric,
+                    "value": value,
+                    "stderr": math.nan if stderr is None else stderr,
+                    "n": n,
+                    "higher_is_better": bool(better.get(metric, metric not in LOWER_IS_BETTER)),
+                }
+            )
     return rows
 
 
@@ -61,20 +94,45 @@ def example_rows(results: dict, labels: dict) -> list[dict]:
     for task, samples in sorted(results.get("samples", {}).items()):
         for sample in samples:
             for metric in sample.get("metrics", []):
-                for item, instruction, value, weight in _sample_values(metric, sample.get(metric), sample["doc_id"],
-                                                                        sample.get("doc", {})):
-                    rows.append(labels | {"task": task, "metric": metric, "doc": int(sample["doc_id"]), "item": item,
-                                          "instruction": instruction, "value": value, "weight": weight})
+                for item, instruction, value, weight in _sample_values(
+                    metric, sample.get(metric), sample["doc_id"], sample.get("doc", {})
+                ):
+                    rows.append(
+                        labels
+                        | {
+                            "task": task,
+                            "metric": metric,
+                            "doc": int(sample["doc_id"]),
+                            "item": item,
+                            "instruction": instruction,
+                            "value": value,
+                            "weight": weight,
+                        }
+                    )
     return rows
 
 
 def _labels(model: str, unit=None, variant: str = "final", status: str = "done") -> dict:
     alpha = float(variant.split("_")[-1]) if variant.startswith("wise_ft_") else (1.0 if unit else math.nan)
     if unit is None:
-        return {"model": model, "unit": "base", "strategy": "base", "family": "base", "seed": -1,
-                "variant": "base", "alpha": 0.0}
-    return {"model": model, "unit": unit.id, "strategy": unit.strategy, "family": unit.family, "seed": unit.seed,
-            "variant": variant, "alpha": alpha}
+        return {
+            "model": model,
+            "unit": "base",
+            "strategy": "base",
+            "family": "base",
+            "seed": -1,
+            "variant": "base",
+            "alpha": 0.0,
+        }
+    return {
+        "model": model,
+        "unit": unit.id,
+        "strategy": unit.strategy,
+        "family": unit.family,
+        "seed": unit.seed,
+        "variant": variant,
+        "alpha": alpha,
+    }
 
 
 def build_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -85,10 +143,20 @@ def build_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     sources = [(run_dir / "base" / "eval.json", _labels("base"))]
     for unit in units(exp):
         record = manifest.get("units", {}).get(unit.id, {"status": "not run"})
-        unit_rows.append({"unit": unit.id, "strategy": unit.strategy, "family": unit.family, "seed": unit.seed,
-                          **{k: v for k, v in unit.axes.items()}, "status": record.get("status"),
-                          "steps": record.get("steps"), "train_seconds": record.get("train_seconds"),
-                          "eval_seconds": record.get("eval_seconds"), "error": record.get("error")})
+        unit_rows.append(
+            {
+                "unit": unit.id,
+                "strategy": unit.strategy,
+                "family": unit.family,
+                "seed": unit.seed,
+                **{k: v for k, v in unit.axes.items()},
+                "status": record.get("status"),
+                "steps": record.get("steps"),
+                "train_seconds": record.get("train_seconds"),
+                "eval_seconds": record.get("eval_seconds"),
+                "error": record.get("error"),
+            }
+        )
         if record.get("status") != "done":
             continue
         for variant in record.get("variants", ["final"]):
@@ -100,5 +168,8 @@ def build_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
         results = json.loads(path.read_text())
         scores += score_rows(results, labels)
         examples += example_rows(results, {k: labels[k] for k in ("model", "unit", "strategy", "seed", "variant")})
-    return (pd.DataFrame(scores, columns=SCORE_COLUMNS), pd.DataFrame(examples, columns=EXAMPLE_COLUMNS),
-            pd.DataFrame(unit_rows))
+    return (
+        pd.DataFrame(scores, columns=SCORE_COLUMNS),
+        pd.DataFrame(examples, columns=EXAMPLE_COLUMNS),
+        pd.DataFrame(unit_rows),
+    )

@@ -42,6 +42,7 @@ def fresh_tokenizer(tokenizer):
 def builtin_examples(fresh_tokenizer):
     """`make(limit)`: the first `limit` built-in task records tokenized in the embedded tokenizer's own chat
     template (up to 128 tokens), and that tokenizer."""
+
     def make(limit: int):
         attach_format(fresh_tokenizer, "chat_template")
         config = DataConfig(path="builtin", limit=limit, max_seq_len=128)

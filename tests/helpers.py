@@ -44,8 +44,15 @@ def conversation(*turns: str, system: str | None = None) -> list[dict]:
 
 def tiny_job(tmp_path: Path, *overrides: str, name: str = "run") -> TrainJob:
     """A short training job on the tiny random model into tmp_path/name; `overrides` replace any default here."""
-    base = ["model.name_or_path=tiny-random", "data.limit=64", "train.batch_size=8", "train.lr=1e-3",
-            "train.max_steps=2", "train.progress=false", f"output_dir={tmp_path / name}"]
+    base = [
+        "model.name_or_path=tiny-random",
+        "data.limit=64",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "train.max_steps=2",
+        "train.progress=false",
+        f"output_dir={tmp_path / name}",
+    ]
     return load_job(None, base + list(overrides))
 
 
@@ -66,11 +73,21 @@ def byte_tokenizer():
     model = Tokenizer(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     model.train_from_iterator(TOKENIZER_CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<|endoftext|>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=BYTE_CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=BYTE_CHAT_TEMPLATE,
+    )
 
 
 def loss_and_grads(model, *batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -84,16 +101,23 @@ def loss_and_grads(model, *batches) -> tuple[torch.Tensor, dict[str, torch.Tenso
 def write_general_text(tmp_path: Path) -> Path:
     """Four short paragraphs of general text (a replay or KL source) in tmp_path/general.txt."""
     path = tmp_path / "general.txt"
-    path.write_text("The sun is a star.\n\nWater boils at one hundred degrees.\n\nCats are mammals.\n\n"
-                    "Paris is in France.\n")
+    path.write_text(
+        "The sun is a star.\n\nWater boils at one hundred degrees.\n\nCats are mammals.\n\nParis is in France.\n"
+    )
     return path
 
 
 def examples_for(tokenizer, count: int = 6) -> list[Example]:
     """Up to six short question-answer conversations in ChatML, tokenized."""
     template = template_for("chatml", tokenizer)
-    texts = [("Name a fruit.", "Apple."), ("Say hi.", "Hi there!"), ("Count to three.", "1 2 3"),
-             ("Colour of the sky?", "Blue."), ("Opposite of up?", "Down."), ("Two plus two?", "Four.")]
+    texts = [
+        ("Name a fruit.", "Apple."),
+        ("Say hi.", "Hi there!"),
+        ("Count to three.", "1 2 3"),
+        ("Colour of the sky?", "Blue."),
+        ("Opposite of up?", "Down."),
+        ("Two plus two?", "Four."),
+    ]
     return [tokenize_conversation(tokenizer, template, conversation(q, a)) for q, a in texts[:count]]
 
 

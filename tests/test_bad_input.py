@@ -27,8 +27,12 @@ def files(tmp_path_factory, tokenizer):
     (root / "malformed.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n')
     (root / "wrongtype.jsonl").write_text('{"prompt": "a", "response": 3}\n')
     (root / "deep.jsonl").write_text('{"prompt": ' + "[" * 5000 + "]" * 5000 + ', "response": "b"}\n')
-    (root / "nocontent.jsonl").write_text(json.dumps({"messages": [
-        {"role": "system", "content": "s"}, {"role": "user"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    (root / "nocontent.jsonl").write_text(
+        json.dumps(
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user"}, {"role": "assistant", "content": "a"}]}
+        )
+        + "\n"
+    )
     (root / "long.jsonl").write_text(json.dumps({"prompt": "word " * 400, "response": "short"}) + "\n")
     (root / "unknown.txt").write_text("text")
     (root / "bad.yaml").write_text("train:\n  lr: [1, 2\n")
@@ -47,7 +51,9 @@ def files(tmp_path_factory, tokenizer):
     (root / "thresholds_bad.yaml").write_text("metrics: {forgetting_knowledge: {max_drop: much}}\n")
     (root / "thresholds_key.yaml").write_text("alpah: 0.1\n")
     (root / "exp_dup.yaml").write_text(yaml.safe_dump({"strategies": [{"name": "a"}, {"name": "a"}]}))
-    (root / "exp_task.yaml").write_text(yaml.safe_dump({"eval": {"tasks": ["nope"]}, "model": {"name_or_path": "tiny-random"}}))
+    (root / "exp_task.yaml").write_text(
+        yaml.safe_dump({"eval": {"tasks": ["nope"]}, "model": {"name_or_path": "tiny-random"}})
+    )
     (root / "exp_data.yaml").write_text(yaml.safe_dump({"data": {"path": str(root / "missing.jsonl")}}))
     return root
 
@@ -67,44 +73,134 @@ CASES = [  # (id, argv builder, exit code, message fragment)
     ("range check", lambda f: ["train", *TINY, "train.batch_size=0"], 2, "train.batch_size: must be at least 1"),
     ("override without key", lambda f: ["train", *TINY, "=3"], 2, "empty key"),
     ("unknown mitigation", lambda f: ["train", *TINY, "mitigations=[{name: magic}]"], 2, "unknown mitigation 'magic'"),
-    ("mitigation field", lambda f: ["train", *TINY, "mitigations=[{name: lora, rank: 4}]"], 2, "mitigations[0].rank: unknown key; valid keys: r,"),
+    (
+        "mitigation field",
+        lambda f: ["train", *TINY, "mitigations=[{name: lora, rank: 4}]"],
+        2,
+        "mitigations[0].rank: unknown key; valid keys: r,",
+    ),
     ("missing data", lambda f: ["train", *TINY, f"data.path={f / 'nope.jsonl'}"], 2, "nope.jsonl not found"),
     ("empty dataset", lambda f: ["train", *TINY, f"data.path={f / 'empty.jsonl'}"], 2, "no records found"),
-    ("non-UTF-8 data", lambda f: ["train", *TINY, f"data.path={f / 'latin1.jsonl'}"], 2, "latin1.jsonl:1: not valid UTF-8"),
-    ("malformed JSONL", lambda f: ["train", *TINY, f"data.path={f / 'malformed.jsonl'}"], 2, "malformed.jsonl:2: malformed JSON"),
-    ("field type", lambda f: ["train", *TINY, f"data.path={f / 'wrongtype.jsonl'}"], 2, "field 'response' must be a string"),
-    ("JSONL nested thousands deep", lambda f: ["train", *TINY, f"data.path={f / 'deep.jsonl'}"], 2,
-     "deep.jsonl:1: malformed JSON: nested too deeply"),
-    ("turn without content", lambda f: ["train", *TINY, f"data.path={f / 'nocontent.jsonl'}"], 2,
-     "nocontent.jsonl:1: messages[1]: missing field 'content'"),
-    ("response truncated away", lambda f: ["train", *TINY, f"data.path={f / 'long.jsonl'}", "data.max_seq_len=16"], 2,
-     "every example was dropped"),
+    (
+        "non-UTF-8 data",
+        lambda f: ["train", *TINY, f"data.path={f / 'latin1.jsonl'}"],
+        2,
+        "latin1.jsonl:1: not valid UTF-8",
+    ),
+    (
+        "malformed JSONL",
+        lambda f: ["train", *TINY, f"data.path={f / 'malformed.jsonl'}"],
+        2,
+        "malformed.jsonl:2: malformed JSON",
+    ),
+    (
+        "field type",
+        lambda f: ["train", *TINY, f"data.path={f / 'wrongtype.jsonl'}"],
+        2,
+        "field 'response' must be a string",
+    ),
+    (
+        "JSONL nested thousands deep",
+        lambda f: ["train", *TINY, f"data.path={f / 'deep.jsonl'}"],
+        2,
+        "deep.jsonl:1: malformed JSON: nested too deeply",
+    ),
+    (
+        "turn without content",
+        lambda f: ["train", *TINY, f"data.path={f / 'nocontent.jsonl'}"],
+        2,
+        "nocontent.jsonl:1: messages[1]: missing field 'content'",
+    ),
+    (
+        "response truncated away",
+        lambda f: ["train", *TINY, f"data.path={f / 'long.jsonl'}", "data.max_seq_len=16"],
+        2,
+        "every example was dropped",
+    ),
     ("unknown file type", lambda f: ["train", *TINY, f"data.path={f / 'unknown.txt'}"], 2, "unknown file type '.txt'"),
-    ("not a model", lambda f: ["train", f"model.name_or_path={f / 'notamodel'}", f"data.path={f / 'good.jsonl'}"], 2,
-     "notamodel"),
+    (
+        "not a model",
+        lambda f: ["train", f"model.name_or_path={f / 'notamodel'}", f"data.path={f / 'good.jsonl'}"],
+        2,
+        "notamodel",
+    ),
     ("eval: missing model", lambda f: ["eval", str(f / "nope"), "--output", str(_out(f))], 2, "does not exist"),
-    ("eval: unknown task", lambda f: ["eval", str(f / "tiny"), "--tasks", "nonesuch", "--output", str(_out(f))], 2,
-     "unknown task 'nonesuch'"),
-    ("eval: bad limit", lambda f: ["eval", str(f / "tiny"), "--limit", "0", "--output", str(_out(f))], 2,
-     "limit: must be at least 1"),
-    ("eval: adapter for another base", lambda f: ["eval", str(f / "tiny"), "--adapter", str(f / "foreign_adapter"),
-                                                  "--tasks", "forgetting_prose", "--output", str(_out(f))], 2,
-     "does not fit"),
-    ("eval: adapter dir without adapter", lambda f: ["eval", str(f / "tiny"), "--adapter", str(f / "notamodel"),
-                                                     "--output", str(_out(f))], 2, "no adapter_config.json"),
+    (
+        "eval: unknown task",
+        lambda f: ["eval", str(f / "tiny"), "--tasks", "nonesuch", "--output", str(_out(f))],
+        2,
+        "unknown task 'nonesuch'",
+    ),
+    (
+        "eval: bad limit",
+        lambda f: ["eval", str(f / "tiny"), "--limit", "0", "--output", str(_out(f))],
+        2,
+        "limit: must be at least 1",
+    ),
+    (
+        "eval: adapter for another base",
+        lambda f: [
+            "eval",
+            str(f / "tiny"),
+            "--adapter",
+            str(f / "foreign_adapter"),
+            "--tasks",
+            "forgetting_prose",
+            "--output",
+            str(_out(f)),
+        ],
+        2,
+        "does not fit",
+    ),
+    (
+        "eval: adapter dir without adapter",
+        lambda f: ["eval", str(f / "tiny"), "--adapter", str(f / "notamodel"), "--output", str(_out(f))],
+        2,
+        "no adapter_config.json",
+    ),
     ("run: duplicate strategy", lambda f: ["run", str(f / "exp_dup.yaml")], 2, "the name 'a' is used 2 times"),
     ("run: unknown task", lambda f: ["run", str(f / "exp_task.yaml")], 2, "unknown task 'nope'"),
     ("run: missing data", lambda f: ["run", str(f / "exp_data.yaml")], 2, "missing.jsonl not found"),
     ("report: not a run", lambda f: ["report", str(f / "notamodel")], 2, "not a run directory"),
     ("gate: missing baseline", lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "nope.json")], 2, "not found"),
-    ("gate: baseline not JSON", lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "notjson.json")], 2,
-     "is not a results JSON"),
-    ("gate: thresholds value", lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "results.json"),
-                                          "--thresholds", str(f / "thresholds_bad.yaml")], 2, "expected a number like 0.02"),
-    ("gate: thresholds key", lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "results.json"),
-                                        "--thresholds", str(f / "thresholds_key.yaml")], 2, "did you mean 'alpha'?"),
-    ("gate: settings differ", lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "results.json"),
-                                         "--limit", "3"], 2, "settings differ"),
+    (
+        "gate: baseline not JSON",
+        lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "notjson.json")],
+        2,
+        "is not a results JSON",
+    ),
+    (
+        "gate: thresholds value",
+        lambda f: [
+            "gate",
+            str(f / "tiny"),
+            "--baseline",
+            str(f / "results.json"),
+            "--thresholds",
+            str(f / "thresholds_bad.yaml"),
+        ],
+        2,
+        "expected a number like 0.02",
+    ),
+    (
+        "gate: thresholds key",
+        lambda f: [
+            "gate",
+            str(f / "tiny"),
+            "--baseline",
+            str(f / "results.json"),
+            "--thresholds",
+            str(f / "thresholds_key.yaml"),
+        ],
+        2,
+        "did you mean 'alpha'?",
+    ),
+    (
+        "gate: settings differ",
+        lambda f: ["gate", str(f / "tiny"), "--baseline", str(f / "results.json"), "--limit", "3"],
+        2,
+        "settings differ",
+    ),
 ]
 
 

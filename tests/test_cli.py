@@ -24,16 +24,23 @@ def test_help_on_every_command(command, capsys):
     assert "usage: forgetting" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,config,overrides,quick", [
-    (["run", "exp.yaml", "--quick", "output_dir=runs/x"], "exp.yaml", ["output_dir=runs/x"], True),
-    (["run", "exp.yaml", "seeds=[1]", "--quick", "output_dir=x"], "exp.yaml", ["seeds=[1]", "output_dir=x"], True),
-    (["run", "--quick", "exp.yaml", "output_dir=runs/x"], "exp.yaml", ["output_dir=runs/x"], True),
-    (["train", "job.yaml", "--debug", "train.lr=1e-5", "output_dir=runs/low_lr"], "job.yaml",
-     ["train.lr=1e-5", "output_dir=runs/low_lr"], None),
-    (["train", "train.lr=1e-5", "--debug", "job.yaml"], "job.yaml", ["train.lr=1e-5"], None),
-    (["data", "job.yaml", "--debug", "data.limit=3"], "job.yaml", ["data.limit=3"], None),
-    (["config", "--debug", "train.lr=1e-5"], None, ["train.lr=1e-5"], None),
-])
+@pytest.mark.parametrize(
+    "argv,config,overrides,quick",
+    [
+        (["run", "exp.yaml", "--quick", "output_dir=runs/x"], "exp.yaml", ["output_dir=runs/x"], True),
+        (["run", "exp.yaml", "seeds=[1]", "--quick", "output_dir=x"], "exp.yaml", ["seeds=[1]", "output_dir=x"], True),
+        (["run", "--quick", "exp.yaml", "output_dir=runs/x"], "exp.yaml", ["output_dir=runs/x"], True),
+        (
+            ["train", "job.yaml", "--debug", "train.lr=1e-5", "output_dir=runs/low_lr"],
+            "job.yaml",
+            ["train.lr=1e-5", "output_dir=runs/low_lr"],
+            None,
+        ),
+        (["train", "train.lr=1e-5", "--debug", "job.yaml"], "job.yaml", ["train.lr=1e-5"], None),
+        (["data", "job.yaml", "--debug", "data.limit=3"], "job.yaml", ["data.limit=3"], None),
+        (["config", "--debug", "train.lr=1e-5"], None, ["train.lr=1e-5"], None),
+    ],
+)
 def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, overrides, quick):
     """`forgetting run EXP.yaml --quick output_dir=x` must not fail with 'unrecognized arguments'."""
     from harness import commands
@@ -45,8 +52,15 @@ def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, 
     assert (seen["config"], seen["overrides"], seen.get("quick")) == (config, overrides, quick)
 
 
-@pytest.mark.parametrize("argv", [["run", "exp.yaml", "--quick", "--bogus"], ["train", "job.yaml", "a=1", "-x"],
-                                  ["report", "runs/x", "output_dir=y"], ["eval", "model", "a=1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "exp.yaml", "--quick", "--bogus"],
+        ["train", "job.yaml", "a=1", "-x"],
+        ["report", "runs/x", "output_dir=y"],
+        ["eval", "model", "a=1"],
+    ],
+)
 def test_unknown_flags_and_overrides_for_commands_without_them_are_usage_errors(monkeypatch, argv, capsys):
     from harness import commands
 
@@ -61,15 +75,18 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     (tmp_path / "job.yaml").write_text("train:\n  lr: fast\n")
     result = run_cli("train", str(tmp_path / "job.yaml"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'job.yaml'}: train.lr: expected a number, got 'fast'"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'job.yaml'}: train.lr: expected a number, got 'fast'"
+    ]
     assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_bad_data_exits_2_and_writes_nothing(tmp_path):
     (tmp_path / "data.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "respon\n')
     out = tmp_path / "out"
-    result = run_cli("train", "model.name_or_path=tiny-random", f"data.path={tmp_path / 'data.jsonl'}",
-                     f"output_dir={out}")
+    result = run_cli(
+        "train", "model.name_or_path=tiny-random", f"data.path={tmp_path / 'data.jsonl'}", f"output_dir={out}"
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'data.jsonl'}:2: malformed JSON")
     assert "Traceback" not in result.stderr
@@ -111,8 +128,17 @@ def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tok
     tiny_model(len(tokenizer)).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     out = tmp_path / "results.json"
-    args = ["eval", str(checkpoint), "--tasks", "forgetting_knowledge", "--limit", "2", "--output", str(out),
-            "--no-cache"]
+    args = [
+        "eval",
+        str(checkpoint),
+        "--tasks",
+        "forgetting_knowledge",
+        "--limit",
+        "2",
+        "--output",
+        str(out),
+        "--no-cache",
+    ]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "forgetting_knowledge" in first.stdout and out.is_file()

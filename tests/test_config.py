@@ -37,23 +37,35 @@ def test_overrides_do_not_change_the_input():
     assert apply_overrides(data, ["train.lr=2"]) == {"train": {"lr": 2}} and data == {"train": {"lr": 1.0}}
 
 
-@pytest.mark.parametrize("text,overrides,pattern", [
-    ("train:\n  lr: fast\n", [], r"job\.yaml: train\.lr: expected a number, got 'fast'"),
-    ("train:\n  lrr: 1e-5\n", [], r"job\.yaml: train\.lrr: unknown key; did you mean 'lr'\?"),
-    ("trian:\n  lr: 1e-5\n", [], r"trian: unknown key; did you mean 'train'\?"),
-    ("train:\n  lr: -1\n", [], r"train\.lr: must be > 0, got -1"),
-    ("train:\n  warmup_ratio: 1.5\n", [], r"train\.warmup_ratio: must be in \[0, 1\)"),
-    ("train:\n  batch_size: 2.5\n", [], r"train\.batch_size: expected an integer, got 2\.5"),
-    ("data:\n  format: markdown\n", [], r"data\.format: expected one of chatml, alpaca, plain, chat_template; got 'markdown'"),
-    ("- a\n- b\n", [], r"job\.yaml: expected a mapping at the top level, got list"),
-    ("train: [\n", [], r"job\.yaml:2: invalid YAML"),
-    ("", ["train.lr"], r"override 'train\.lr': expected key=value"),
-    ("", ["train.epochs=many"], r"train\.epochs: expected a number, got 'many'"),
-    ("mitigations:\n  - name: magic\n", [], r"mitigations\[0\]\.name: unknown mitigation 'magic'; valid: ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft"),
-    ("mitigations:\n  - name: l2sp\n    strength: -1\n", [], r"mitigations\[0\]: strength: must be >= 0, got -1"),
-    ("mitigations:\n  - name: l2sp\n  - name: l2sp\n", [], r"'l2sp' is listed 2 times"),
-    ("mitigations:\n  - l2sp\n", [], r"mitigations\[0\]: expected a mapping, got 'l2sp'"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,pattern",
+    [
+        ("train:\n  lr: fast\n", [], r"job\.yaml: train\.lr: expected a number, got 'fast'"),
+        ("train:\n  lrr: 1e-5\n", [], r"job\.yaml: train\.lrr: unknown key; did you mean 'lr'\?"),
+        ("trian:\n  lr: 1e-5\n", [], r"trian: unknown key; did you mean 'train'\?"),
+        ("train:\n  lr: -1\n", [], r"train\.lr: must be > 0, got -1"),
+        ("train:\n  warmup_ratio: 1.5\n", [], r"train\.warmup_ratio: must be in \[0, 1\)"),
+        ("train:\n  batch_size: 2.5\n", [], r"train\.batch_size: expected an integer, got 2\.5"),
+        (
+            "data:\n  format: markdown\n",
+            [],
+            r"data\.format: expected one of chatml, alpaca, plain, chat_template; got 'markdown'",
+        ),
+        ("- a\n- b\n", [], r"job\.yaml: expected a mapping at the top level, got list"),
+        ("train: [\n", [], r"job\.yaml:2: invalid YAML"),
+        ("", ["train.lr"], r"override 'train\.lr': expected key=value"),
+        ("", ["train.epochs=many"], r"train\.epochs: expected a number, got 'many'"),
+        (
+            "mitigations:\n  - name: magic\n",
+            [],
+            r"mitigations\[0\]\.name: unknown mitigation 'magic'; valid: ewc, freeze, kl_to_base, l2sp, lora, "
+            r"low_lr, replay, wise_ft",
+        ),
+        ("mitigations:\n  - name: l2sp\n    strength: -1\n", [], r"mitigations\[0\]: strength: must be >= 0, got -1"),
+        ("mitigations:\n  - name: l2sp\n  - name: l2sp\n", [], r"'l2sp' is listed 2 times"),
+        ("mitigations:\n  - l2sp\n", [], r"mitigations\[0\]: expected a mapping, got 'l2sp'"),
+    ],
+)
 def test_bad_configs_give_one_line_naming_the_field(tmp_path, text, overrides, pattern):
     path = write(tmp_path, "job.yaml", text)
     with pytest.raises(UserError, match=pattern) as err:
@@ -94,10 +106,13 @@ def test_a_nested_mapping_changes_only_its_keys_and_keeps_the_fields_default():
     assert rows["inner.size"] == "32" and rows["inner.source"] == "'self'"
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"size": 8}, "x.size: moved to inner.size; write inner: {size: 8}"),
-    ({"inner": "b.txt"}, "x.inner: expected a mapping, got 'b.txt'; write inner: {source: b.txt}"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"size": 8}, "x.size: moved to inner.size; write inner: {size: 8}"),
+        ({"inner": "b.txt"}, "x.inner: expected a mapping, got 'b.txt'; write inner: {source: b.txt}"),
+    ],
+)
 def test_old_spellings_are_refused_with_the_new_one(data, message):
     with pytest.raises(UserError) as err:
         from_dict(Outer, data, "x")

@@ -15,18 +15,22 @@ import pytest
 from harness.cli import main
 from tests.helpers import write
 
-EXPERIMENT = {"name": "crash", "model": {"name_or_path": "tiny-random"},
-              "data": {"path": "builtin", "max_seq_len": 96, "limit": 24},
-              "train": {"max_steps": 3, "batch_size": 4, "lr": 1.0e-3, "progress": False, "save_every": 1},
-              "eval": {"tasks": ["forgetting_knowledge", "forgetting_target", "forgetting_prose"], "limit": 4},
-              "strategies": [{"name": "naive"}, {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]}],
-              "seeds": [0]}
+EXPERIMENT = {
+    "name": "crash",
+    "model": {"name_or_path": "tiny-random"},
+    "data": {"path": "builtin", "max_seq_len": 96, "limit": 24},
+    "train": {"max_steps": 3, "batch_size": 4, "lr": 1.0e-3, "progress": False, "save_every": 1},
+    "eval": {"tasks": ["forgetting_knowledge", "forgetting_target", "forgetting_prose"], "limit": 4},
+    "strategies": [{"name": "naive"}, {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]}],
+    "seeds": [0],
+}
 
 
 def _env():
     # unbuffered, so that a run's first line of output shows when its imports are done
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1"
+    )
 
 
 def _reference_run_and_crash_config(tmp_path):
@@ -39,8 +43,9 @@ def _reference_run_and_crash_config(tmp_path):
 def _start_run(config, output):
     """`forgetting run CONFIG` in a new process, its stdout and stderr into the files output.out and output.err."""
     with open(f"{output}.out", "w") as out, open(f"{output}.err", "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "harness", "run", str(config)], env=_env(), stdout=out,
-                                stderr=err)
+        return subprocess.Popen(
+            [sys.executable, "-m", "harness", "run", str(config)], env=_env(), stdout=out, stderr=err
+        )
 
 
 def _seconds_to_first_output(process, output) -> float:
@@ -78,14 +83,21 @@ def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
         process.send_signal(signal.SIGKILL)
         process.wait()
     # the last rerun has a budget (an uninterrupted run's time four times over, and room for a busy machine)
-    final = subprocess.run([sys.executable, "-m", "harness", "run", str(crashed)], env=_env(), capture_output=True,
-                           text=True, timeout=4 * (startup + work) + 60)
+    final = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(crashed)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=4 * (startup + work) + 60,
+    )
     assert final.returncode == 0, final.stderr[-2000:]
     ref, got = tmp_path / "ref", tmp_path / "crashed"
     assert (got / "results.csv").read_text() == (ref / "results.csv").read_text()
     for unit in ("naive__seed0", "lora__seed0"):  # bitwise the same weights (CPU)
-        fingerprint = [json.loads((d / "units" / unit / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
-                       for d in (ref, got)]
+        fingerprint = [
+            json.loads((d / "units" / unit / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
+            for d in (ref, got)
+        ]
         assert fingerprint[0] == fingerprint[1]
     leftovers = [p for p in got.rglob("*") if p.name.startswith(".tmp-") or p.name.endswith(".tmp")]
     assert not [p for p in leftovers if p.is_dir()]  # no half-written checkpoint stands (files: temp names only)
@@ -117,8 +129,9 @@ def test_killed_in_each_phase_the_rerun_ends_with_the_uninterrupted_tables(tmp_p
     run, unit = tmp_path / "crashed", tmp_path / "crashed" / "units" / "naive__seed0"
 
     def killed_at(target: str, call: int) -> None:
-        result = subprocess.run([sys.executable, "-c", KILLER, target, str(call), str(config)], env=_env(),
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-c", KILLER, target, str(call), str(config)], env=_env(), capture_output=True, text=True
+        )
         assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
 
     killed_at("evaluate", 1)  # the base model's evaluation
@@ -133,8 +146,10 @@ def test_killed_in_each_phase_the_rerun_ends_with_the_uninterrupted_tables(tmp_p
     assert (run / "results.csv").read_text() == (tmp_path / "ref" / "results.csv").read_text()
     assert "resuming from" in (unit / "log.txt").read_text()
     for name in ("naive__seed0", "lora__seed0"):
-        fingerprints = [json.loads((d / "units" / name / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
-                        for d in (tmp_path / "ref", run)]
+        fingerprints = [
+            json.loads((d / "units" / name / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
+            for d in (tmp_path / "ref", run)
+        ]
         assert fingerprints[0] == fingerprints[1]
 
 
@@ -145,7 +160,8 @@ def test_an_atomic_write_killed_before_its_rename_leaves_the_old_file(tmp_path):
         "import os, signal, sys\n"
         "from harness import io\n"
         "io.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die between write and rename\n"
-        f"io.atomic_write_json({str(target)!r}, {{'new': 'x' * 100000}})\n")
+        f"io.atomic_write_json({str(target)!r}, {{'new': 'x' * 100000}})\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], env=_env(), cwd=os.getcwd(), capture_output=True)
     assert result.returncode == -signal.SIGKILL
     assert target.read_text() == '{"old": true}\n'

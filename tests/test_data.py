@@ -14,9 +14,17 @@ from harness.errors import UserError
 
 ALPACA = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Greet", "input": "", "output": "Hi"}]
 PAIRS = [{"question": "Capital of France?", "answer": "Paris"}]
-CHATS = [{"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hi"},
-                       {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-                       {"role": "assistant", "content": "Bye!"}]}]
+CHATS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be short."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye!"},
+        ]
+    }
+]
 
 
 def write_jsonl(path, rows):
@@ -43,9 +51,13 @@ def test_every_file_type_with_custom_columns(tmp_path, suffix):
     else:
         pd.DataFrame(PAIRS).to_parquet(path)
     config = DataConfig(path=str(path), prompt_field="question", response_field="answer", system_prompt="Sys")
-    assert load_conversations(config) == [[{"role": "system", "content": "Sys"},
-                                          {"role": "user", "content": "Capital of France?"},
-                                          {"role": "assistant", "content": "Paris"}]]
+    assert load_conversations(config) == [
+        [
+            {"role": "system", "content": "Sys"},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+        ]
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -72,8 +84,13 @@ def _surname_city_pattern(record: dict) -> tuple[str, str, str]:
     fields = builtin_task.parse(record["response"])
     text = record["prompt"].split("Text: ", 1)[1]
     first, surname = fields["name"].split(" ", 1)
-    for value, slot in ((fields["name"], "{name}"), (fields["city"], "{city}"), (fields["born"], "{year}"),
-                        (fields["job"], "{job}"), (first, "{name_first}")):
+    for value, slot in (
+        (fields["name"], "{name}"),
+        (fields["city"], "{city}"),
+        (fields["born"], "{year}"),
+        (fields["job"], "{job}"),
+        (first, "{name_first}"),
+    ):
         text = text.replace(value, slot)
     return surname, fields["city"], text
 
@@ -93,22 +110,41 @@ def test_heldout_shares_no_surname_city_or_sentence_pattern_with_train():
 
 DEEP = "[" * 5000 + "]" * 5000  # valid JSON nested past the parser's recursion limit
 BAD = {
-    "malformed_json": ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n', r"bad\.jsonl:2: malformed JSON"),
-    "missing_field": ('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r"bad\.jsonl:2: cannot tell|bad\.jsonl:2: missing field 'response'"),
+    "malformed_json": (
+        '{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n',
+        r"bad\.jsonl:2: malformed JSON",
+    ),
+    "missing_field": (
+        '{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n',
+        r"bad\.jsonl:2: cannot tell|bad\.jsonl:2: missing field 'response'",
+    ),
     "wrong_type": ('{"prompt": "a", "response": 5}\n', r"bad\.jsonl:1: field 'response' must be a string, got int"),
     "empty_response": ('{"prompt": "a", "response": "  "}\n', r"bad\.jsonl:1: field 'response' is empty"),
     "empty_file": ("\n\n", r"bad\.jsonl: no records found"),
-    "not_object": ('[1, 2]\n', r"bad\.jsonl:1: expected a JSON object, got list"),
-    "bad_role": ('{"messages": [{"role": "bot", "content": "x"}]}\n', r"bad\.jsonl:1: messages\[0\]\.role: expected one of"),
-    "no_assistant": ('{"messages": [{"role": "user", "content": "x"}]}\n', r"bad\.jsonl:1: field 'messages' has no assistant"),
-    "late_system": ('{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, '
-                    '{"role": "assistant", "content": "y"}]}\n', r"messages\[1\]\.role: a system message may only come first"),
+    "not_object": ("[1, 2]\n", r"bad\.jsonl:1: expected a JSON object, got list"),
+    "bad_role": (
+        '{"messages": [{"role": "bot", "content": "x"}]}\n',
+        r"bad\.jsonl:1: messages\[0\]\.role: expected one of",
+    ),
+    "no_assistant": (
+        '{"messages": [{"role": "user", "content": "x"}]}\n',
+        r"bad\.jsonl:1: field 'messages' has no assistant",
+    ),
+    "late_system": (
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, '
+        '{"role": "assistant", "content": "y"}]}\n',
+        r"messages\[1\]\.role: a system message may only come first",
+    ),
     "unknown_layout": ('{"text": "a"}\n', r"bad\.jsonl:1: cannot tell the record layout from its fields \['text'\]"),
-    "turn_without_content": ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
-                             '{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}\n',
-                             r"bad\.jsonl:2: messages\[0\]: missing field 'content'"),
-    "nested_too_deep": ('{"prompt": "a", "response": "b"}\n{"prompt": ' + DEEP + ', "response": "b"}\n',
-                        r"bad\.jsonl:2: malformed JSON: nested too deeply"),
+    "turn_without_content": (
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+        '{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}\n',
+        r"bad\.jsonl:2: messages\[0\]: missing field 'content'",
+    ),
+    "nested_too_deep": (
+        '{"prompt": "a", "response": "b"}\n{"prompt": ' + DEEP + ', "response": "b"}\n',
+        r"bad\.jsonl:2: malformed JSON: nested too deeply",
+    ),
 }
 
 

@@ -12,8 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["model.name_or_path=tiny-random", "data.limit=64", "train.batch_size=8", "train.lr=1e-3",
-        "train.max_steps=3", "train.progress=false", "train.micro_batch_tokens=300"]
+ARGS = [
+    "model.name_or_path=tiny-random",
+    "data.limit=64",
+    "train.batch_size=8",
+    "train.lr=1e-3",
+    "train.max_steps=3",
+    "train.progress=false",
+    "train.micro_batch_tokens=300",
+]
 
 
 def free_port() -> int:
@@ -24,8 +31,18 @@ def free_port() -> int:
 
 def launch(out, processes: int):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", "-m", "harness", "train", *ARGS, f"output_dir={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
+        "-m",
+        "harness",
+        "train",
+        *ARGS,
+        f"output_dir={out}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -40,6 +57,9 @@ def test_two_processes_match_one_process(tmp_path):
     two_weights = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for name, tensor in one_weights.items():
         torch.testing.assert_close(two_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    read = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+
+    def read(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
     assert len(read("two")) == 3
     assert read("two") == pytest.approx(read("one"), rel=1e-6)

@@ -46,15 +46,18 @@ def oracle_results(right: bool, limit: int = 20) -> dict:
 
     ensure_punkt_tab()
     settings = EvalSettings(tasks=["forgetting_knowledge", "forgetting_target", "forgetting_prose"], limit=limit)
-    return simple_evaluate(model=OracleLM(right), tasks=settings.tasks, limit=limit, task_manager=task_manager(settings),
-                           bootstrap_iters=0)["results"]
+    return simple_evaluate(
+        model=OracleLM(right), tasks=settings.tasks, limit=limit, task_manager=task_manager(settings), bootstrap_iters=0
+    )["results"]
 
 
 def test_oracle_scores_every_task_perfectly_and_a_wrong_lm_scores_zero():
     right, wrong = oracle_results(True), oracle_results(False)
     assert right["forgetting_knowledge"]["acc,none"] == 1.0 and wrong["forgetting_knowledge"]["acc,none"] == 0.0
     assert right["forgetting_target"]["exact_match,none"] == 1.0
-    assert wrong["forgetting_target"]["exact_match,none"] == 0.0 and wrong["forgetting_target"]["format_valid,none"] == 0.0
+    assert (
+        wrong["forgetting_target"]["exact_match,none"] == 0.0 and wrong["forgetting_target"]["format_valid,none"] == 0.0
+    )
     # rolling loglikelihood of -0.5 nats per byte -> bits per byte = 0.5 / ln 2
     assert right["forgetting_prose"]["bits_per_byte,none"] == pytest.approx(0.5 / 0.6931471805599453, rel=1e-6)
 
@@ -95,8 +98,9 @@ def test_ifeval_checkers_run_offline_with_a_fresh_cache(tmp_path):
     """A new cache directory, no network: the punkt_tab data is built locally and the checkers score."""
     env = dict(os.environ, FORGETTING_CACHE=str(tmp_path), NLTK_DATA=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
     texts = ["all lower case. no commas here.", "Has, a comma. And Capitals. Three. Four sentences."]
-    result = subprocess.run([sys.executable, "-c", SCRIPT, *texts], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *texts], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     good, bad = json.loads(result.stdout.strip().splitlines()[-1])
     assert good["prompt_level_strict_acc"] is True and good["inst_level_strict_acc"] == [True, True, True]
@@ -120,8 +124,13 @@ def test_tiny_model_runs_the_whole_suite_and_the_cache_is_keyed_by_weights(tiny_
     model, tok = tiny_eval_model
     settings = EvalSettings(limit=2, batch_size=2)
     first = evaluate(model, tok, settings, cache_dir=tmp_path)
-    assert set(first["results"]) == {"forgetting_knowledge", "forgetting_ifeval", "forgetting_target", "forgetting_prose",
-                                     "forgetting_format_health"}
+    assert set(first["results"]) == {
+        "forgetting_knowledge",
+        "forgetting_ifeval",
+        "forgetting_target",
+        "forgetting_prose",
+        "forgetting_format_health",
+    }
     assert first["forgetting"]["cache_hits"] == [] and first["forgetting"]["format"] == "chatml"
     assert all(len(samples) == 2 for samples in first["samples"].values())  # per-example outputs kept
     assert headline(first)
@@ -129,7 +138,9 @@ def test_tiny_model_runs_the_whole_suite_and_the_cache_is_keyed_by_weights(tiny_
     assert sum(c["n"] for c in categories.values()) == 2 and all("acc" in c for c in categories.values())
 
     again = evaluate(model, tok, settings, cache_dir=tmp_path)
-    assert sorted(again["forgetting"]["cache_hits"]) == sorted(first["results"]) and again["forgetting"]["evaluated"] == []
+    assert (
+        sorted(again["forgetting"]["cache_hits"]) == sorted(first["results"]) and again["forgetting"]["evaluated"] == []
+    )
     assert again["results"] == first["results"]
 
     fingerprint = weights_fingerprint(model)
@@ -137,14 +148,18 @@ def test_tiny_model_runs_the_whole_suite_and_the_cache_is_keyed_by_weights(tiny_
         model.model.norm.weight[0] += 1e-3
     try:
         assert weights_fingerprint(model) != fingerprint
-        changed = evaluate(model, tok, EvalSettings(tasks=["forgetting_knowledge"], limit=2, batch_size=2),
-                           cache_dir=tmp_path)
-        assert changed["forgetting"]["cache_hits"] == [] and changed["forgetting"]["evaluated"] == ["forgetting_knowledge"]
+        changed = evaluate(
+            model, tok, EvalSettings(tasks=["forgetting_knowledge"], limit=2, batch_size=2), cache_dir=tmp_path
+        )
+        assert changed["forgetting"]["cache_hits"] == [] and changed["forgetting"]["evaluated"] == [
+            "forgetting_knowledge"
+        ]
     finally:
         with torch.no_grad():
             model.model.norm.weight[0] -= 1e-3
-    other_settings = evaluate(model, tok, EvalSettings(tasks=["forgetting_knowledge"], limit=3, batch_size=2),
-                              cache_dir=tmp_path)
+    other_settings = evaluate(
+        model, tok, EvalSettings(tasks=["forgetting_knowledge"], limit=3, batch_size=2), cache_dir=tmp_path
+    )
     assert other_settings["forgetting"]["cache_hits"] == []
 
 
@@ -164,10 +179,29 @@ def test_harness_score_equals_the_lm_eval_cli_on_a_saved_checkpoint(tiny_eval_mo
     tok.save_pretrained(checkpoint)
     tasks = "forgetting_knowledge,forgetting_target"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-               f"pretrained={checkpoint},dtype=float32", "--include_path", str(TASKS_DIR), "--tasks", tasks,
-               "--limit", "6", "--batch_size", "3", "--device", "cpu", "--apply_chat_template",
-               "--output_path", str(tmp_path / "cli")]
+    command = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={checkpoint},dtype=float32",
+        "--include_path",
+        str(TASKS_DIR),
+        "--tasks",
+        tasks,
+        "--limit",
+        "6",
+        "--batch_size",
+        "3",
+        "--device",
+        "cpu",
+        "--apply_chat_template",
+        "--output_path",
+        str(tmp_path / "cli"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (cli_file,) = (tmp_path / "cli").rglob("results_*.json")
@@ -253,9 +287,13 @@ def key_case(checkout_copy, tiny_eval_model, monkeypatch, tmp_path):
     originals = {path: path.read_bytes() for path in checkout_copy.rglob("*.*")}
     model, tok = tiny_eval_model
     fingerprint = weights_fingerprint(model)
-    context = SimpleNamespace(model=copy.deepcopy(model), tok=copy.deepcopy(tok), root=checkout_copy,
-                              monkeypatch=monkeypatch, nltk_dir=tmp_path / "cache" / "nltk_data" / "tokenizers"
-                              / "punkt_tab" / "english")
+    context = SimpleNamespace(
+        model=copy.deepcopy(model),
+        tok=copy.deepcopy(tok),
+        root=checkout_copy,
+        monkeypatch=monkeypatch,
+        nltk_dir=tmp_path / "cache" / "nltk_data" / "tokenizers" / "punkt_tab" / "english",
+    )
 
     def key(task: str = "forgetting_target", **settings) -> str:
         settings = EvalSettings(tasks=[task], **settings)
@@ -283,15 +321,27 @@ def _version(name: str, value: str):
 
 # (task, settings, change): each change must give another cache key
 KEY_CHANGES = {
-    "task yaml": ("forgetting_target", {},
-                  lambda c: _edit(c.root / "evals/tasks/forgetting_target.yaml", "max_gen_toks: 48", "max_gen_toks: 48 # x")),
-    "leak markers": ("forgetting_format_health", {},
-                     lambda c: _edit(c.root / "evals/tasks/utils.py", '"[/INST]")', '"[/INST]", "<<SYS>>")')),
-    "target scorer": ("forgetting_target", {},
-                      lambda c: _edit(c.root / "harness/builtin_task.py", "def score(", "def score(  ")),
+    "task yaml": (
+        "forgetting_target",
+        {},
+        lambda c: _edit(c.root / "evals/tasks/forgetting_target.yaml", "max_gen_toks: 48", "max_gen_toks: 48 # x"),
+    ),
+    "leak markers": (
+        "forgetting_format_health",
+        {},
+        lambda c: _edit(c.root / "evals/tasks/utils.py", '    "[/INST]",\n)', '    "[/INST]",\n    "<<SYS>>",\n)'),
+    ),
+    "target scorer": (
+        "forgetting_target",
+        {},
+        lambda c: _edit(c.root / "harness/builtin_task.py", "def score(", "def score(  "),
+    ),
     "chat template": ("forgetting_target", {}, lambda c: setattr(c.tok, "chat_template", c.tok.chat_template + " ")),
-    "tokenizer, no chat template": ("forgetting_target", {"apply_chat_template": False},
-                                    lambda c: c.tok.add_tokens(["<extra_token>"])),
+    "tokenizer, no chat template": (
+        "forgetting_target",
+        {"apply_chat_template": False},
+        lambda c: c.tok.add_tokens(["<extra_token>"]),
+    ),
     "nltk data": ("forgetting_ifeval", {}, lambda c: (c.nltk_dir / "abbrev_types.txt").open("a").write("xyz\n")),
     "dtype": ("forgetting_target", {}, lambda c: c.model.to(torch.bfloat16)),
     "attention": ("forgetting_target", {}, lambda c: setattr(c.model.config, "_attn_implementation", "eager")),
@@ -340,7 +390,9 @@ def test_the_adapter_config_is_part_of_the_fingerprint(tiny_eval_model):
     model, _ = tiny_eval_model
 
     def adapted(**config):
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **config))
+        peft_model = get_peft_model(
+            copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **config)
+        )
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:
@@ -352,8 +404,9 @@ def test_the_adapter_config_is_part_of_the_fingerprint(tiny_eval_model):
     assert weights_fingerprint(adapted(lora_alpha=64)) != alpha16
     assert weights_fingerprint(adapted(lora_alpha=16, use_rslora=True)) != alpha16
     # without the adapters (self-rehearsal's key of the base model) the config does not count either
-    assert (weights_fingerprint(adapted(lora_alpha=16), exclude="lora_")
-            == weights_fingerprint(adapted(lora_alpha=64), exclude="lora_"))
+    assert weights_fingerprint(adapted(lora_alpha=16), exclude="lora_") == weights_fingerprint(
+        adapted(lora_alpha=64), exclude="lora_"
+    )
 
 
 def test_the_offline_suite_needs_no_index_of_lm_evals_tasks_and_keeps_its_keys(tiny_eval_model):
@@ -366,8 +419,10 @@ def test_the_offline_suite_needs_no_index_of_lm_evals_tasks_and_keeps_its_keys(t
     own = runner.task_manager(settings)
     assert "hellaswag" not in own.all_tasks  # indexing lm-eval's own tasks takes seconds
     full = TaskManager(include_path=[str(runner.TASKS_DIR)])
-    keys = [runner.cache_keys(model, tok, settings, manager, runner.leaf_tasks(manager, settings.tasks), "w")
-            for manager in (own, full)]
+    keys = [
+        runner.cache_keys(model, tok, settings, manager, runner.leaf_tasks(manager, settings.tasks), "w")
+        for manager in (own, full)
+    ]
     assert keys[0] == keys[1]
 
 
@@ -386,9 +441,14 @@ print("evaluated")
 def test_evaluating_outside_a_git_checkout_prints_no_git_error(tmp_path):
     from evals.runner import PROJECT_ROOT
 
-    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent), HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", NO_GIT_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ,
+        GIT_CEILING_DIRECTORIES=str(tmp_path.parent),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", NO_GIT_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "evaluated" in result.stdout, result.stderr[-3000:]
     assert "fatal:" not in result.stdout + result.stderr

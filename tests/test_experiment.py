@@ -19,47 +19,79 @@ TASKS = ["forgetting_knowledge", "forgetting_target", "forgetting_prose", "forge
 def experiment(tmp_path, **changes) -> dict:
     replay = tmp_path / "replay.txt"
     replay.write_text("\n\n".join(f"General text number {i} about rivers, hills and markets." for i in range(12)))
-    config = {"name": "tiny", "model": {"name_or_path": "tiny-random"},
-              "data": {"path": "builtin", "max_seq_len": 96, "limit": 24, "eval_split": "heldout", "eval_limit": 4},
-              "train": {"max_steps": 2, "batch_size": 4, "lr": 1.0e-3, "progress": False, "save_every": 1},
-              "eval": {"tasks": TASKS, "limit": 3, "batch_size": 8,
-                       "subsample": {"forgetting_knowledge": 6, "forgetting_ifeval": 2}},
-              "strategies": [{"name": "naive"},
-                             {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]},
-                             {"name": "wise", "mitigations": [{"name": "wise_ft", "alphas": [0.5]}]},
-                             {"name": "replay", "mitigations": [{"name": "replay", "data": {"source": str(replay), "size": 6}}],
-                              "sweep": {"replay.ratio": [0.25, 0.5]}}],
-              "seeds": [0], "output_dir": str(tmp_path / "run")}
+    config = {
+        "name": "tiny",
+        "model": {"name_or_path": "tiny-random"},
+        "data": {"path": "builtin", "max_seq_len": 96, "limit": 24, "eval_split": "heldout", "eval_limit": 4},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1.0e-3, "progress": False, "save_every": 1},
+        "eval": {
+            "tasks": TASKS,
+            "limit": 3,
+            "batch_size": 8,
+            "subsample": {"forgetting_knowledge": 6, "forgetting_ifeval": 2},
+        },
+        "strategies": [
+            {"name": "naive"},
+            {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]},
+            {"name": "wise", "mitigations": [{"name": "wise_ft", "alphas": [0.5]}]},
+            {
+                "name": "replay",
+                "mitigations": [{"name": "replay", "data": {"source": str(replay), "size": 6}}],
+                "sweep": {"replay.ratio": [0.25, 0.5]},
+            },
+        ],
+        "seeds": [0],
+        "output_dir": str(tmp_path / "run"),
+    }
     config.update(changes)
     return config
 
 
 def test_units_expand_sweeps_and_seeds_with_each_jobs_settings(tmp_path):
-    config = experiment(tmp_path, seeds=[0, 3], strategies=[
-        {"name": "low", "overrides": {"train.lr": 1.0e-5}},
-        {"name": "mix", "mitigations": [{"name": "replay", "data": {"source": "self"}}],
-         "sweep": {"replay.ratio": [0.1, 0.3], "data.format": ["chatml", "alpaca"]}},
-        {"name": "size", "sweep": {"data.limit": [8, 16]}}])
+    config = experiment(
+        tmp_path,
+        seeds=[0, 3],
+        strategies=[
+            {"name": "low", "overrides": {"train.lr": 1.0e-5}},
+            {
+                "name": "mix",
+                "mitigations": [{"name": "replay", "data": {"source": "self"}}],
+                "sweep": {"replay.ratio": [0.1, 0.3], "data.format": ["chatml", "alpaca"]},
+            },
+            {"name": "size", "sweep": {"data.limit": [8, 16]}},
+        ],
+    )
     found = units(load_experiment(str(write(tmp_path, "exp.yaml", config))))
     assert [u.id for u in found[:2]] == ["low__seed0", "low__seed3"]
     assert found[0].job.train.lr == 1e-5 and found[1].job.train.seed == 3
     mix = [u for u in found if u.family == "mix"]
     assert len(mix) == 8 and mix[0].strategy == "mix[ratio=0.1,format=chatml]"
     assert {(u.job.mitigations[0]["ratio"], u.job.data.format) for u in mix} == {
-        (r, f) for r in (0.1, 0.3) for f in ("chatml", "alpaca")}
+        (r, f) for r in (0.1, 0.3) for f in ("chatml", "alpaca")
+    }
     assert [u.job.data.limit for u in found if u.family == "size"] == [8, 8, 16, 16]
     assert all(u.job.output_dir == f"{config['output_dir']}/units/{u.id}/train" for u in found)
 
 
 def test_a_sweep_axis_reaches_a_nested_general_data_knob(tmp_path):
-    config = experiment(tmp_path, strategies=[
-        {"name": "kl", "mitigations": [{"name": "kl_to_base", "data": {"source": "general.txt"}}],
-         "sweep": {"kl_to_base.data.size": [4, 8]}},
-        {"name": "ewc", "mitigations": [{"name": "ewc"}], "sweep": {"ewc.data.max_new_tokens": [16]}}])
+    config = experiment(
+        tmp_path,
+        strategies=[
+            {
+                "name": "kl",
+                "mitigations": [{"name": "kl_to_base", "data": {"source": "general.txt"}}],
+                "sweep": {"kl_to_base.data.size": [4, 8]},
+            },
+            {"name": "ewc", "mitigations": [{"name": "ewc"}], "sweep": {"ewc.data.max_new_tokens": [16]}},
+        ],
+    )
     found = units(load_experiment(str(write(tmp_path, "exp.yaml", config))))
     assert [u.strategy for u in found] == ["kl[size=4]", "kl[size=8]", "ewc[max_new_tokens=16]"]
     assert [u.job.mitigations[0]["data"] for u in found] == [
-        {"source": "general.txt", "size": 4}, {"source": "general.txt", "size": 8}, {"max_new_tokens": 16}]
+        {"source": "general.txt", "size": 4},
+        {"source": "general.txt", "size": 8},
+        {"max_new_tokens": 16},
+    ]
 
 
 BAD_EXPERIMENTS = [
@@ -67,8 +99,10 @@ BAD_EXPERIMENTS = [
     ({"strategies": [{"name": "a", "mitigation": []}]}, "did you mean 'mitigations'"),
     ({"strategies": [{"name": "a", "mitigations": [{"name": "lorra"}]}]}, "unknown mitigation 'lorra'"),
     ({"strategies": [{"name": "a", "sweep": {"replay.ratio": [0.1]}}]}, "axis 'replay.ratio'"),
-    ({"strategies": [{"name": "a", "mitigations": [{"name": "replay"}], "sweep": {"replay.pool_size": [8]}}]},
-     "mitigations[0].pool_size: moved to data.size; write data: {size: 8}"),
+    (
+        {"strategies": [{"name": "a", "mitigations": [{"name": "replay"}], "sweep": {"replay.pool_size": [8]}}]},
+        "mitigations[0].pool_size: moved to data.size; write data: {size: 8}",
+    ),
     ({"strategies": [{"name": "a", "overrides": {"train.lrr": 1}}]}, "(a).train.lrr: unknown key; did you mean 'lr'?"),
     ({"strategies": [{"name": "a", "overrides": {"train.lr": "fast"}}]}, "train.lr: expected a number"),
     ({"strategies": [{"name": "a b"}]}, "name: expected letters"),
@@ -103,10 +137,24 @@ def finished(tmp_path_factory):
 def test_run_directory_holds_everything_the_reports_need(finished):
     tmp_path, _ = finished
     run = tmp_path / "run"
-    for name in ("experiment.yaml", "environment.json", "data_hashes.json", "manifest.json", "base/eval.json",
-                 "results.csv", "results.parquet", "results.json", "examples.parquet", "reports/report.html",
-                 "reports/forgetting.md", "reports/instruction_following.md", "reports/summary.json",
-                 "reports/deltas.png", "reports/pareto.png", "reports/loss.png"):
+    for name in (
+        "experiment.yaml",
+        "environment.json",
+        "data_hashes.json",
+        "manifest.json",
+        "base/eval.json",
+        "results.csv",
+        "results.parquet",
+        "results.json",
+        "examples.parquet",
+        "reports/report.html",
+        "reports/forgetting.md",
+        "reports/instruction_following.md",
+        "reports/summary.json",
+        "reports/deltas.png",
+        "reports/pareto.png",
+        "reports/loss.png",
+    ):
         assert (run / name).is_file(), name
     manifest = json.loads((run / "manifest.json").read_text())
     unit_ids = ["naive__seed0", "lora__seed0", "wise__seed0", "replay__ratio-0.25__seed0", "replay__ratio-0.5__seed0"]
@@ -124,8 +172,12 @@ def test_run_directory_holds_everything_the_reports_need(finished):
     assert {d["role"] for d in datasets} == {"train", "heldout"} and all(len(d["blake2"]) == 32 for d in datasets)
     env = json.loads((run / "environment.json").read_text())[0]
     assert env["packages"]["torch"] and env["packages"]["lm_eval"]
-    assert env["precision"] == {"train": "fp32", "train_reason": "auto: FORGETTING_CPU_BF16=emulated",
-                                "eval_dtype": "float32", "eval_reason": "auto: FORGETTING_CPU_BF16=emulated"}
+    assert env["precision"] == {
+        "train": "fp32",
+        "train_reason": "auto: FORGETTING_CPU_BF16=emulated",
+        "eval_dtype": "float32",
+        "eval_reason": "auto: FORGETTING_CPU_BF16=emulated",
+    }
     # the evaluated documents: knowledge spread over the task, the others the first `limit`
     base = json.loads((run / "base" / "eval.json").read_text())
     assert [s["doc_id"] for s in base["samples"]["forgetting_knowledge"]] == [(i * 309) // 6 for i in range(6)]
@@ -191,8 +243,9 @@ def test_an_experiment_saved_before_a_knob_existed_resumes(finished, capsys):
 
 
 def test_a_failing_unit_is_marked_and_the_others_go_on(tmp_path, capsys):
-    config = experiment(tmp_path, strategies=[{"name": "explode", "overrides": {"train.lr": 1.0e+30}},
-                                              {"name": "naive"}])
+    config = experiment(
+        tmp_path, strategies=[{"name": "explode", "overrides": {"train.lr": 1.0e30}}, {"name": "naive"}]
+    )
     assert main(["run", str(write(tmp_path, "exp.yaml", config))]) == 0
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["units"]["explode__seed0"]["status"] == "failed"
@@ -212,17 +265,27 @@ def test_quick_preset_shrinks_any_experiment(tmp_path):
 
 
 def test_units_with_different_precisions_run_in_one_process(tmp_path, capsys):
-    config = experiment(tmp_path, strategies=[{"name": "fp32"}, {"name": "bf16", "overrides": {"train.precision": "bf16"}}],
-                        eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
+    config = experiment(
+        tmp_path,
+        strategies=[{"name": "fp32"}, {"name": "bf16", "overrides": {"train.precision": "bf16"}}],
+        eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2},
+    )
     assert main(["run", str(write(tmp_path, "exp.yaml", config))]) == 0
     out = capsys.readouterr().out  # one progress line per unit and phase, with the time left
-    for line in ("[base]: evaluating the base model tiny-random", "[1/2] fp32__seed0: training",
-                 "[2/2] bf16__seed0: training step 2/2", "[2/2] bf16__seed0: evaluating final"):
+    for line in (
+        "[base]: evaluating the base model tiny-random",
+        "[1/2] fp32__seed0: training",
+        "[2/2] bf16__seed0: training step 2/2",
+        "[2/2] bf16__seed0: evaluating final",
+    ):
         assert line in out, out
     assert any(line.endswith(" left]") for line in out.splitlines())  # an estimate once a step and an eval were timed
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert {u: r["status"] for u, r in manifest["units"].items()} == {"base": "done", "fp32__seed0": "done",
-                                                                      "bf16__seed0": "done"}
+    assert {u: r["status"] for u, r in manifest["units"].items()} == {
+        "base": "done",
+        "fp32__seed0": "done",
+        "bf16__seed0": "done",
+    }
 
 
 def test_malformed_data_fails_before_the_run_directory_is_written(tmp_path, capsys):
@@ -237,8 +300,12 @@ def test_malformed_data_fails_before_the_run_directory_is_written(tmp_path, caps
 def test_resuming_on_changed_data_is_refused(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(8)))
-    config = experiment(tmp_path, data={"path": str(data), "max_seq_len": 64}, strategies=[{"name": "naive"}],
-                        eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2})
+    config = experiment(
+        tmp_path,
+        data={"path": str(data), "max_seq_len": 64},
+        strategies=[{"name": "naive"}],
+        eval={"tasks": ["forgetting_knowledge", "forgetting_target"], "limit": 2},
+    )
     path = write(tmp_path, "exp.yaml", config)
     assert main(["run", str(path)]) == 0
     data.write_text(data.read_text().replace("a7", "changed"))

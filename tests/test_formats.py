@@ -60,7 +60,7 @@ def test_single_turn_learns_response_and_end_marker_only(tokenizer, fmt):
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert example.input_ids[: len(prompt_ids)] == prompt_ids
     assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt_ids)])
-    assert all(label != IGNORE_INDEX for label in example.labels[len(prompt_ids):])
+    assert all(label != IGNORE_INDEX for label in example.labels[len(prompt_ids) :])
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
@@ -77,9 +77,11 @@ def test_multi_turn_learns_every_assistant_turn_and_no_user_turn(tokenizer, fmt)
 def test_formats_render_their_documented_layout(tokenizer):
     messages = conversation("Hi", "Hello")
     assert render(tokenizer, template_for("chatml", tokenizer), messages, False) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
     assert render(tokenizer, template_for("plain", tokenizer), messages, False) == (
-        "Human: Hi\n\nAssistant: Hello<|im_end|>\n\n")
+        "Human: Hi\n\nAssistant: Hello<|im_end|>\n\n"
+    )
     alpaca = render(tokenizer, template_for("alpaca", tokenizer), messages, False)
     assert alpaca.endswith("### Instruction:\nHi\n\n### Response:\nHello<|im_end|>\n\n")
 

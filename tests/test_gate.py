@@ -23,20 +23,34 @@ PRIMARY = {"forgetting_knowledge": "acc", "forgetting_prose": "bits_per_byte", "
 def results(knowledge: list[int], target: list[int], prose: list[tuple[float, int]]) -> dict:
     def task(metric, values):
         mean = float(np.mean(values))
-        return {f"{metric},none": mean,
-                f"{metric}_stderr,none": float(np.std(values, ddof=1) / math.sqrt(len(values)))}
+        return {f"{metric},none": mean, f"{metric}_stderr,none": float(np.std(values, ddof=1) / math.sqrt(len(values)))}
 
     bpb = -sum(ll for ll, _ in prose) / sum(n for _, n in prose) / math.log(2)
-    return {"results": {"forgetting_knowledge": task("acc", knowledge), "forgetting_target": task("exact_match", target),
-                        "forgetting_prose": {"bits_per_byte,none": bpb}},
-            "higher_is_better": {"forgetting_knowledge": {"acc": True}, "forgetting_target": {"exact_match": True},
-                                 "forgetting_prose": {"bits_per_byte": False}},
-            "samples": {"forgetting_knowledge": [{"doc_id": i, "doc": {}, "metrics": ["acc"], "acc": float(v)}
-                                                 for i, v in enumerate(knowledge)],
-                        "forgetting_target": [{"doc_id": i, "doc": {}, "metrics": ["exact_match"], "exact_match": float(v)}
-                                              for i, v in enumerate(target)],
-                        "forgetting_prose": [{"doc_id": i, "doc": {}, "metrics": ["bits_per_byte"], "bits_per_byte": [ll, n]}
-                                             for i, (ll, n) in enumerate(prose)]}}
+    return {
+        "results": {
+            "forgetting_knowledge": task("acc", knowledge),
+            "forgetting_target": task("exact_match", target),
+            "forgetting_prose": {"bits_per_byte,none": bpb},
+        },
+        "higher_is_better": {
+            "forgetting_knowledge": {"acc": True},
+            "forgetting_target": {"exact_match": True},
+            "forgetting_prose": {"bits_per_byte": False},
+        },
+        "samples": {
+            "forgetting_knowledge": [
+                {"doc_id": i, "doc": {}, "metrics": ["acc"], "acc": float(v)} for i, v in enumerate(knowledge)
+            ],
+            "forgetting_target": [
+                {"doc_id": i, "doc": {}, "metrics": ["exact_match"], "exact_match": float(v)}
+                for i, v in enumerate(target)
+            ],
+            "forgetting_prose": [
+                {"doc_id": i, "doc": {}, "metrics": ["bits_per_byte"], "bits_per_byte": [ll, n]}
+                for i, (ll, n) in enumerate(prose)
+            ],
+        },
+    }
 
 
 BASE = results([1] * 90 + [0] * 10, [0] * 20, [(-100.0, 50)] * 10)
@@ -72,8 +86,9 @@ def test_a_drop_beyond_the_threshold_but_not_significant_passes_unless_plain_thr
 
 def test_relative_thresholds_lower_is_better_metrics_and_minimum_gain():
     worse_prose = results([1] * 90 + [0] * 10, [1] * 5 + [0] * 15, [(-110.0, 50)] * 10)  # bpb up by 10%
-    checks = decide(worse_prose, metrics={"forgetting_prose": {"max_drop": "5%"},
-                                          "forgetting_target": {"min_gain": 0.5}})
+    checks = decide(
+        worse_prose, metrics={"forgetting_prose": {"max_drop": "5%"}, "forgetting_target": {"min_gain": 0.5}}
+    )
     assert checks["forgetting_prose"].status == "regression"  # higher bits per byte is worse
     assert checks["forgetting_target"].status == "insufficient gain"  # 0.25 < 0.5
     relaxed = decide(worse_prose, metrics={"forgetting_prose": {"max_drop": "15%"}})
@@ -87,8 +102,11 @@ def test_junit_xml_and_markdown_describe_each_check():
     suite = root.find("testsuite")
     assert root.tag == "testsuites" and suite.get("tests") == "3" and suite.get("failures") == "1"
     cases = {c.get("classname") + "." + c.get("name"): c for c in suite.findall("testcase")}
-    assert set(cases) == {"forgetting.gate.forgetting_knowledge.acc", "forgetting.gate.forgetting_prose.bits_per_byte",
-                          "forgetting.gate.forgetting_target.exact_match"}
+    assert set(cases) == {
+        "forgetting.gate.forgetting_knowledge.acc",
+        "forgetting.gate.forgetting_prose.bits_per_byte",
+        "forgetting.gate.forgetting_target.exact_match",
+    }
     failure = cases["forgetting.gate.forgetting_knowledge.acc"].find("failure")
     assert failure is not None and failure.get("type") == "regression"
     assert cases["forgetting.gate.forgetting_prose.bits_per_byte"].find("failure") is None
@@ -100,20 +118,27 @@ def test_junit_xml_and_markdown_describe_each_check():
 
 # --- per-document scores for every metric lm-eval keeps them for; the rest judged by threshold alone, saying so
 
+
 def with_wiki(res: dict, perplexities: list[float] | None, words: int = 10, samples: bool = True) -> dict:
     """`res` plus a loglikelihood_rolling task whose documents have these word perplexities (lm-eval's layout)."""
     res = json.loads(json.dumps(res))
     pairs = [(-words * math.log(p), words) for p in perplexities]
-    res["results"]["forgetting_wiki"] = {"word_perplexity,none": math.exp(-sum(ll for ll, _ in pairs) / sum(n for _, n in pairs))}
+    res["results"]["forgetting_wiki"] = {
+        "word_perplexity,none": math.exp(-sum(ll for ll, _ in pairs) / sum(n for _, n in pairs))
+    }
     res["higher_is_better"]["forgetting_wiki"] = {"word_perplexity": False}
     if samples:
-        res["samples"]["forgetting_wiki"] = [{"doc_id": i, "doc": {}, "metrics": ["word_perplexity"],
-                                              "word_perplexity": list(pair)} for i, pair in enumerate(pairs)]
+        res["samples"]["forgetting_wiki"] = [
+            {"doc_id": i, "doc": {}, "metrics": ["word_perplexity"], "word_perplexity": list(pair)}
+            for i, pair in enumerate(pairs)
+        ]
     return res
 
 
 def decide_wiki(base: dict, candidate: dict, **thresholds) -> dict:
-    checks = compare(base, candidate, from_dict(Thresholds, thresholds), PRIMARY | {"forgetting_wiki": "word_perplexity"})
+    checks = compare(
+        base, candidate, from_dict(Thresholds, thresholds), PRIMARY | {"forgetting_wiki": "word_perplexity"}
+    )
     return {c.task: c for c in checks}
 
 
@@ -121,7 +146,7 @@ def test_a_word_perplexity_rise_is_tested_per_document_on_the_log_scale():
     base, worse = with_wiki(BASE, [10.0] * 20), with_wiki(BASE, [40.0] * 20)
     check = decide_wiki(base, worse, metrics={"forgetting_wiki": {"max_drop": "10%"}})["forgetting_wiki"]
     assert (check.baseline, check.candidate) == (pytest.approx(10.0), pytest.approx(40.0))
-    assert check.status == "regression" and check.method == "exact" and check.p_value == pytest.approx(2.0 ** -20)
+    assert check.status == "regression" and check.method == "exact" and check.p_value == pytest.approx(2.0**-20)
     # every document exactly 10% worse: at the allowance, not beyond it; 11% worse beyond it
     at_allowance = decide_wiki(base, with_wiki(BASE, [11.0] * 20), metrics={"forgetting_wiki": {"max_drop": "10%"}})
     assert at_allowance["forgetting_wiki"].status == "pass" and at_allowance["forgetting_wiki"].p_value == 1.0
@@ -135,12 +160,14 @@ def test_a_metric_without_per_document_scores_is_judged_by_its_threshold_and_say
     assert check.status == "regression" and check.p_value is None
     assert "threshold only: no per-document scores" in check.reason
     assert "threshold only: no per-document scores" in markdown([check], "gate")
-    within = decide_wiki(base, with_wiki(BASE, [10.5] * 20, samples=False),
-                         metrics={"forgetting_wiki": {"max_drop": "10%"}})["forgetting_wiki"]
+    within = decide_wiki(
+        base, with_wiki(BASE, [10.5] * 20, samples=False), metrics={"forgetting_wiki": {"max_drop": "10%"}}
+    )["forgetting_wiki"]
     assert within.status == "pass" and "threshold only: no per-document scores" in within.reason
 
 
 # --- the statistics: exact p-values, the allowance in the null, Holm across metrics
+
 
 def brute_force_pvalue(diffs, weights, allowance):
     terms = np.asarray(weights) * (np.asarray(diffs) - allowance)
@@ -148,11 +175,14 @@ def brute_force_pvalue(diffs, weights, allowance):
     return sum(s >= terms.sum() - 1e-9 for s in sums) / len(sums)
 
 
-@pytest.mark.parametrize("diffs,weights,allowance", [
-    ([1.0, 1.0, 1.0, 0.0, -1.0, 1.0], [1.0] * 6, 0.0),
-    ([1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0, 1.0, 0.0, -1.0, 1.0], [1.0] * 12, 0.05),  # ties, shifted
-    ([0.3, -0.1, 0.25, 0.4, 0.05, -0.2, 0.31, 0.12, 0.0, 0.22], [3, 1, 2, 5, 1, 1, 2, 4, 1, 2], 0.1),  # weighted
-])
+@pytest.mark.parametrize(
+    "diffs,weights,allowance",
+    [
+        ([1.0, 1.0, 1.0, 0.0, -1.0, 1.0], [1.0] * 6, 0.0),
+        ([1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0, 1.0, 0.0, -1.0, 1.0], [1.0] * 12, 0.05),  # ties, shifted
+        ([0.3, -0.1, 0.25, 0.4, 0.05, -0.2, 0.31, 0.12, 0.0, 0.22], [3, 1, 2, 5, 1, 1, 2, 4, 1, 2], 0.1),  # weighted
+    ],
+)
 def test_exact_pvalue_equals_brute_force_enumeration(diffs, weights, allowance):
     p, method = sign_flip_pvalue(np.array(diffs), np.array(weights, float), allowance)
     assert method == "exact"
@@ -188,6 +218,7 @@ def test_two_drops_significant_alone_are_not_regressions_after_holm():
 
 def simulated_gate(rng, metrics: int, docs: int, lose: float, gain: float, max_drop: str) -> bool:
     """One gate over `metrics` tasks of per-document 0/1 scores; True when it fails."""
+
     def task(values):
         return {"acc,none": float(np.mean(values))}
 
@@ -199,8 +230,9 @@ def simulated_gate(rng, metrics: int, docs: int, lose: float, gain: float, max_d
         for res, values in ((base, before), (cand, after)):
             res.setdefault("results", {})[f"t{t}"] = task(values)
             res.setdefault("higher_is_better", {})[f"t{t}"] = {"acc": True}
-            res.setdefault("samples", {})[f"t{t}"] = [{"doc_id": i, "metrics": ["acc"], "acc": bool(v)}
-                                                     for i, v in enumerate(values)]
+            res.setdefault("samples", {})[f"t{t}"] = [
+                {"doc_id": i, "metrics": ["acc"], "acc": bool(v)} for i, v in enumerate(values)
+            ]
     thresholds = from_dict(Thresholds, {"default": {"max_drop": max_drop}})
     return any(c.status != "pass" for c in compare(base, cand, thresholds, {f"t{t}": "acc" for t in range(metrics)}))
 
@@ -215,8 +247,7 @@ def test_with_no_true_change_the_familywise_failure_rate_stays_within_alpha():
 def test_a_true_drop_exactly_at_the_allowance_fails_at_most_about_alpha():
     # 15% of documents lost, 10% gained: the expected drop is exactly the allowed 0.05
     rng = np.random.default_rng(2)
-    failures = sum(simulated_gate(rng, metrics=1, docs=200, lose=0.15, gain=0.10, max_drop="0.05")
-                   for _ in range(400))
+    failures = sum(simulated_gate(rng, metrics=1, docs=200, lose=0.15, gain=0.10, max_drop="0.05") for _ in range(400))
     assert failures / 400 <= 0.06
 
 
@@ -224,14 +255,29 @@ def test_a_true_drop_exactly_at_the_allowance_fails_at_most_about_alpha():
 def tiny_baseline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gate")
     path = folder / "base.json"
-    assert main(["eval", "tiny-random", "--tasks", "forgetting_knowledge,forgetting_target", "--limit", "8",
-                 "--output", str(path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "tiny-random",
+                "--tasks",
+                "forgetting_knowledge,forgetting_target",
+                "--limit",
+                "8",
+                "--output",
+                str(path),
+            ]
+        )
+        == 0
+    )
     return path
 
 
 def test_gate_passes_an_identical_candidate_and_writes_every_output(tiny_baseline, tmp_path, capsys):
     outputs = {"--junit": tmp_path / "gate.xml", "--markdown": tmp_path / "gate.md", "--output": tmp_path / "next.json"}
-    args = ["gate", "tiny-random", "--baseline", str(tiny_baseline)] + [a for k, v in outputs.items() for a in (k, str(v))]
+    args = ["gate", "tiny-random", "--baseline", str(tiny_baseline)] + [
+        a for k, v in outputs.items() for a in (k, str(v))
+    ]
     assert main(args) == 0
     assert "2 of 2 checks passed" in capsys.readouterr().out
     suite = ElementTree.parse(outputs["--junit"]).getroot().find("testsuite")
@@ -241,15 +287,18 @@ def test_gate_passes_an_identical_candidate_and_writes_every_output(tiny_baselin
     assert "exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--limit", "4"], "settings differ from the baseline's: limit = 4 here, 8 in the baseline"),
-    (["--tasks", "forgetting_knowledge"], "settings differ from the baseline's: tasks"),
-    (["--max-drop", "forgetting_knowledge"], "expected TASK[/METRIC]=VALUE"),
-    (["--max-drop", "forgetting_knowledge=lots"], "expected a number like 0.02 or a percentage"),
-    (["--min-gain", "forgetting_target=x"], "is not a number"),
-    (["--alpha", "2"], "alpha: must be in (0, 1)"),
-    (["--batch-size", "4"], "--batch-size: the baseline results file decides the settings"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--limit", "4"], "settings differ from the baseline's: limit = 4 here, 8 in the baseline"),
+        (["--tasks", "forgetting_knowledge"], "settings differ from the baseline's: tasks"),
+        (["--max-drop", "forgetting_knowledge"], "expected TASK[/METRIC]=VALUE"),
+        (["--max-drop", "forgetting_knowledge=lots"], "expected a number like 0.02 or a percentage"),
+        (["--min-gain", "forgetting_target=x"], "is not a number"),
+        (["--alpha", "2"], "alpha: must be in (0, 1)"),
+        (["--batch-size", "4"], "--batch-size: the baseline results file decides the settings"),
+    ],
+)
 def test_gate_usage_errors_exit_2_with_one_line(tiny_baseline, capsys, extra, message):
     assert main(["gate", "tiny-random", "--baseline", str(tiny_baseline), *extra]) == 2
     err = capsys.readouterr().err
@@ -272,15 +321,53 @@ def test_gate_thresholds_file_and_baseline_file_errors(tiny_baseline, tmp_path, 
 def test_gate_fails_the_embedded_model_after_an_aggressive_fine_tune(tmp_path, capsys):
     """Base SmolLM2 as the baseline; the candidate trained at LR 1e-3 on the narrow task forgets knowledge."""
     base = tmp_path / "base.json"
-    assert main(["eval", "embedded:smollm2-135m-instruct", "--tasks", "forgetting_knowledge,forgetting_target",
-                 "--limit", "48", "--output", str(base)]) == 0
-    assert main(["train", "configs/demo.yaml", "train.lr=1e-3", "train.max_steps=12", "train.precision=fp32",
-                 "train.save_every=0", "data.eval_split=null", "train.progress=false",
-                 f"output_dir={tmp_path / 'tuned'}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "embedded:smollm2-135m-instruct",
+                "--tasks",
+                "forgetting_knowledge,forgetting_target",
+                "--limit",
+                "48",
+                "--output",
+                str(base),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "configs/demo.yaml",
+                "train.lr=1e-3",
+                "train.max_steps=12",
+                "train.precision=fp32",
+                "train.save_every=0",
+                "data.eval_split=null",
+                "train.progress=false",
+                f"output_dir={tmp_path / 'tuned'}",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     junit = tmp_path / "gate.xml"
-    code = main(["gate", str(tmp_path / "tuned" / "final"), "--baseline", str(base), "--max-drop",
-                 "forgetting_knowledge=0.02", "--min-gain", "forgetting_target=0.5", "--junit", str(junit)])
+    code = main(
+        [
+            "gate",
+            str(tmp_path / "tuned" / "final"),
+            "--baseline",
+            str(base),
+            "--max-drop",
+            "forgetting_knowledge=0.02",
+            "--min-gain",
+            "forgetting_target=0.5",
+            "--junit",
+            str(junit),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1, out
     assert "failed: forgetting_knowledge/acc" in out
@@ -290,16 +377,36 @@ def test_gate_fails_the_embedded_model_after_an_aggressive_fine_tune(tmp_path, c
 
 
 def test_gate_with_a_model_as_baseline_evaluates_both_the_same_way(tmp_path, capsys):
-    assert main(["gate", "tiny-random", "--baseline", "tiny-random", "--tasks", "forgetting_knowledge",
-                 "--limit", "4", "--output", str(tmp_path / "next.json")]) == 0
+    assert (
+        main(
+            [
+                "gate",
+                "tiny-random",
+                "--baseline",
+                "tiny-random",
+                "--tasks",
+                "forgetting_knowledge",
+                "--limit",
+                "4",
+                "--output",
+                str(tmp_path / "next.json"),
+            ]
+        )
+        == 0
+    )
     assert "1 of 1 checks passed" in capsys.readouterr().out
     saved = json.loads((tmp_path / "next.json").read_text())["forgetting"]["settings"]
     assert saved["tasks"] == ["forgetting_knowledge"] and saved["limit"] == 4
 
 
-@pytest.mark.parametrize("error", [RunError("model 'cand': weights do not match the config"),
-                                   OSError(28, "No space left on device", "next.json"),
-                                   RuntimeError("CUDA error: device-side assert triggered\nsecond line")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        RunError("model 'cand': weights do not match the config"),
+        OSError(28, "No space left on device", "next.json"),
+        RuntimeError("CUDA error: device-side assert triggered\nsecond line"),
+    ],
+)
 def test_a_runtime_failure_exits_3_never_1(monkeypatch, tmp_path, capsys, error):
     from reports import gate
 
@@ -332,5 +439,5 @@ def test_exact_pvalue_over_thousands_of_tied_documents_is_the_binomial_tail():
     diffs = np.zeros(3000)
     diffs[:1600], diffs[1600:] = 1.0, -1.0
     p, method = sign_flip_pvalue(diffs, np.ones(3000))
-    tail = Fraction(sum(comb(3000, k) for k in range(1600, 3001)), 2 ** 3000)
+    tail = Fraction(sum(comb(3000, k) for k in range(1600, 3001)), 2**3000)
     assert method == "exact" and p == pytest.approx(float(tail), rel=1e-9)

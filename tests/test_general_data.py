@@ -28,27 +28,36 @@ def write_sources(tmp_path) -> dict:
     text = tmp_path / "general.txt"
     text.write_text("The sun is a star.\n\nWater boils at one hundred degrees.\n\nCats are mammals.\n")
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"prompt": f"Name a colour ({i}).", "response": "Blue."}) + "\n"
-                             for i in range(4)))
-    return {"text": {"source": str(text), "size": 2},
-            "conversations": {"source": str(chats), "kind": "conversations", "size": 3},
-            "self": {"source": "self", "size": 2, "max_new_tokens": 8}}
+    chats.write_text(
+        "".join(json.dumps({"prompt": f"Name a colour ({i}).", "response": "Blue."}) + "\n" for i in range(4))
+    )
+    return {
+        "text": {"source": str(text), "size": 2},
+        "conversations": {"source": str(chats), "kind": "conversations", "size": 3},
+        "self": {"source": "self", "size": 2, "max_new_tokens": 8},
+    }
 
 
 def answering_model(tokenizer, make_tiny, count: int):
     """A tiny model that answers the first `count` general prompts (an untrained one answers nothing)."""
     template = template_for("chatml", tokenizer)
-    lessons = [tokenize_conversation(tokenizer, template, conversation(p, "I like learning."))
-               for p in general_prompts(count)]
+    lessons = [
+        tokenize_conversation(tokenizer, template, conversation(p, "I like learning.")) for p in general_prompts(count)
+    ]
     return memorise(make_tiny(), lessons, tokenizer.pad_token_id, steps=60)
 
 
 def context(tokenizer, output_dir):
     from accelerate import Accelerator
 
-    return SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=output_dir,
-                           accelerator=Accelerator(cpu=True), job=SimpleNamespace(data=DataConfig(format="chatml")),
-                           start_step=0)
+    return SimpleNamespace(
+        examples=tuple(examples_for(tokenizer)),
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        accelerator=Accelerator(cpu=True),
+        job=SimpleNamespace(data=DataConfig(format="chatml")),
+        start_step=0,
+    )
 
 
 def drawn_by_each(model, ctx, data: dict, monkeypatch) -> dict:
@@ -71,8 +80,9 @@ def drawn_by_each(model, ctx, data: dict, monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("case", ["text", "conversations", "self"])
-def test_the_three_mitigations_draw_the_same_examples_from_the_same_config(case, tokenizer, make_tiny, tmp_path,
-                                                                          monkeypatch):
+def test_the_three_mitigations_draw_the_same_examples_from_the_same_config(
+    case, tokenizer, make_tiny, tmp_path, monkeypatch
+):
     monkeypatch.setenv("FORGETTING_CACHE", str(tmp_path / "cache"))
     data = write_sources(tmp_path)[case]
     model = answering_model(tokenizer, make_tiny, 2) if case == "self" else make_tiny()
@@ -105,24 +115,36 @@ def test_each_mitigation_keeps_its_own_defaults_under_a_partial_mapping():
     assert reference["data.size"] == "32" and reference["data.source"] == "'self'"
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("{name: ewc, data: self}", "mitigations[0].data: expected a mapping, got 'self'; write data: {source: self}"),
-    ("{name: ewc, samples: 16}", "mitigations[0].samples: moved to data.size; write data: {size: 16}"),
-    ("{name: ewc, max_new_tokens: 64}",
-     "mitigations[0].max_new_tokens: moved to data.max_new_tokens; write data: {max_new_tokens: 64}"),
-    ("{name: replay, source: x.txt}", "mitigations[0].source: moved to data.source; write data: {source: x.txt}"),
-    ("{name: replay, pool_size: 8}", "mitigations[0].pool_size: moved to data.size; write data: {size: 8}"),
-    ("{name: replay, kind: conversations}",
-     "mitigations[0].kind: moved to data.kind; write data: {kind: conversations}"),
-    ("{name: kl_to_base, pool_size: 8}", "mitigations[0].pool_size: moved to data.size; write data: {size: 8}"),
-    ("{name: kl_to_base, source: self}", "mitigations[0].source: moved to data.source; write data: {source: self}"),
-    ("{name: replay, data: {source: sft}}",
-     "mitigations[0]: data.source: sft is for ewc only; replay needs general data (self, a file or a datasets name)"),
-    ("{name: kl_to_base, data: {size: 0}}", "mitigations[0].data: size: must be at least 1, got 0"),
-    ("{name: ewc, data: {kind: conversations}}",
-     "mitigations[0].data: kind: conversations reads a file or datasets source, not 'self'"),
-    ("{name: replay, data: {pool_size: 8}}", "mitigations[0].data.pool_size: unknown key; did you mean 'size'?"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("{name: ewc, data: self}", "mitigations[0].data: expected a mapping, got 'self'; write data: {source: self}"),
+        ("{name: ewc, samples: 16}", "mitigations[0].samples: moved to data.size; write data: {size: 16}"),
+        (
+            "{name: ewc, max_new_tokens: 64}",
+            "mitigations[0].max_new_tokens: moved to data.max_new_tokens; write data: {max_new_tokens: 64}",
+        ),
+        ("{name: replay, source: x.txt}", "mitigations[0].source: moved to data.source; write data: {source: x.txt}"),
+        ("{name: replay, pool_size: 8}", "mitigations[0].pool_size: moved to data.size; write data: {size: 8}"),
+        (
+            "{name: replay, kind: conversations}",
+            "mitigations[0].kind: moved to data.kind; write data: {kind: conversations}",
+        ),
+        ("{name: kl_to_base, pool_size: 8}", "mitigations[0].pool_size: moved to data.size; write data: {size: 8}"),
+        ("{name: kl_to_base, source: self}", "mitigations[0].source: moved to data.source; write data: {source: self}"),
+        (
+            "{name: replay, data: {source: sft}}",
+            "mitigations[0]: data.source: sft is for ewc only; replay needs general data (self, a file or a datasets "
+            "name)",
+        ),
+        ("{name: kl_to_base, data: {size: 0}}", "mitigations[0].data: size: must be at least 1, got 0"),
+        (
+            "{name: ewc, data: {kind: conversations}}",
+            "mitigations[0].data: kind: conversations reads a file or datasets source, not 'self'",
+        ),
+        ("{name: replay, data: {pool_size: 8}}", "mitigations[0].data.pool_size: unknown key; did you mean 'size'?"),
+    ],
+)
 def test_old_spellings_and_bad_general_data_are_one_line_errors(spec, message):
     with pytest.raises(UserError) as err:
         load_job(None, [f"mitigations=[{spec}]"])
@@ -131,6 +153,8 @@ def test_old_spellings_and_bad_general_data_are_one_line_errors(spec, message):
 
 def test_an_override_reaches_the_nested_knobs():
     job = load_job(None, ["mitigations=[{name: replay, data: {source: general.txt, size: 8}}, {name: kl_to_base}]"])
-    replay, kl = (from_dict(cls, {k: v for k, v in spec.items() if k != "name"})
-                  for cls, spec in zip((ReplayConfig, KLToBaseConfig), job.mitigations))
+    replay, kl = (
+        from_dict(cls, {k: v for k, v in spec.items() if k != "name"})
+        for cls, spec in zip((ReplayConfig, KLToBaseConfig), job.mitigations)
+    )
     assert replay.data == GeneralData(source="general.txt", size=8) and kl.data == GeneralData(size=32)

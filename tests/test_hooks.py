@@ -40,8 +40,11 @@ def test_a_misspelled_hook_is_refused_at_registration(registering):
         def penalties(self, model, ctx):  # never called: the hook is `penalty`
             return []
 
-    with pytest.raises(TypeError, match=r"^mitigation 'misspelled' \(Misspelled\): public method 'penalties' is "
-                                        r"not a hook; did you mean 'penalty'\? hooks: wrap_model, .*report"):
+    with pytest.raises(
+        TypeError,
+        match=r"^mitigation 'misspelled' \(Misspelled\): public method 'penalties' is "
+        r"not a hook; did you mean 'penalty'\? hooks: wrap_model, .*report",
+    ):
         registering("misspelled", Misspelled)
     assert "misspelled" not in REGISTRY
 
@@ -123,9 +126,18 @@ def test_chain_passes_each_output_to_the_next_in_order(taggers):
 
 
 def test_the_loop_chains_wrap_model_and_mix_data_in_config_order(tmp_path, taggers):
-    job = tiny_job(tmp_path, "data.limit=8", "train.batch_size=4", "train.max_steps=1", "train.lr=2e-5",
-                   "mitigations=[{name: second}, {name: first}]")
+    job = tiny_job(
+        tmp_path,
+        "data.limit=8",
+        "train.batch_size=4",
+        "train.max_steps=1",
+        "train.lr=2e-5",
+        "mitigations=[{name: second}, {name: first}]",
+    )
     train(job)
-    assert taggers.seen == [("second", "wrap_model", ()), ("first", "wrap_model", ("second",)),
-                            ("second", "mix_data", 8, ("second", "first")),
-                            ("first", "mix_data", 9, ("second", "first"))]
+    assert taggers.seen == [
+        ("second", "wrap_model", ()),
+        ("first", "wrap_model", ("second",)),
+        ("second", "mix_data", 8, ("second", "first")),
+        ("first", "mix_data", 9, ("second", "first")),
+    ]

@@ -55,8 +55,9 @@ def test_lora_model_gets_the_same_gradients(make_tiny, examples):
     from peft import LoraConfig, get_peft_model
 
     items, pad_id = examples
-    model = get_peft_model(make_tiny(), LoraConfig(r=4, target_modules=["o_proj", "down_proj", "q_proj"],
-                                                   init_lora_weights=False))
+    model = get_peft_model(
+        make_tiny(), LoraConfig(r=4, target_modules=["o_proj", "down_proj", "q_proj"], init_lora_weights=False)
+    )
     batch = collate(items, pad_id)
     full_loss, full_grads = loss_and_grads(model, batch)
     undo = last_layer.enable(model)
@@ -74,8 +75,11 @@ def test_calls_without_a_mask_and_the_undone_model_compute_every_position(make_t
     with torch.no_grad():
         reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         undo = last_layer.enable(model)
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              logits_to_keep=torch.ones_like(batch["input_ids"], dtype=torch.bool))  # a masked call first
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=torch.ones_like(batch["input_ids"], dtype=torch.bool),
+        )  # a masked call first
         during = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         undo()
         after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -94,8 +98,9 @@ def test_an_unknown_layer_layout_is_left_alone(make_tiny):
     assert "forward" not in vars(layer.mlp)
 
 
-@pytest.mark.parametrize("prepare", [lambda m: m.compile(), lambda m: m.gradient_checkpointing_enable()],
-                         ids=["compiled", "checkpointing"])
+@pytest.mark.parametrize(
+    "prepare", [lambda m: m.compile(), lambda m: m.gradient_checkpointing_enable()], ids=["compiled", "checkpointing"]
+)
 def test_a_compiled_or_checkpointing_model_is_left_alone(make_tiny, prepare):
     model = make_tiny()
     prepare(model)
@@ -121,7 +126,7 @@ def test_the_training_loop_uses_it_except_with_checkpointing(tmp_path, monkeypat
     monkeypatch.setattr(last_layer, "enable", spy)
     job = tiny_job(tmp_path, "data.limit=8", "train.batch_size=4", "train.max_steps=1", "train.lr=2e-5", *overrides)
     train_module.train(job)
-    (first_rows, last_rows), = seen
+    ((first_rows, last_rows),) = seen
     assert first_rows and len(first_rows) == len(last_rows)  # one micro-batch (twice with recomputation)
     if used:  # the last MLP saw only the response-predicting positions
         assert 0 < last_rows[0] < first_rows[0] / 2

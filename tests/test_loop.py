@@ -49,15 +49,24 @@ def break_at():
 def _patches(model) -> dict:
     """What the loop's patches change: the attention implementation, forwards set on modules, model hooks."""
     layer = last_layer.last_decoder_layer(model)
-    return {"attention": model.config._attn_implementation,
-            "own forwards": [m for m in (layer.mlp, layer.self_attn.o_proj) if "forward" in vars(m)],
-            "hooks": (len(model._forward_pre_hooks), len(model._forward_hooks))}
+    return {
+        "attention": model.config._attn_implementation,
+        "own forwards": [m for m in (layer.mlp, layer.self_attn.o_proj) if "forward" in vars(m)],
+        "hooks": (len(model._forward_pre_hooks), len(model._forward_hooks)),
+    }
 
 
 def test_a_run_error_mid_loop_leaves_the_model_unpatched(tmp_path, break_at):
-    job = tiny_job(tmp_path, "data.limit=8", "train.batch_size=4", "train.max_steps=3", "train.lr=2e-5",
-                   "train.packing=packed", "mitigations=[{name: break_at, step: 2}]")
+    job = tiny_job(
+        tmp_path,
+        "data.limit=8",
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "train.lr=2e-5",
+        "train.packing=packed",
+        "mitigations=[{name: break_at, step: 2}]",
+    )
     with pytest.raises(RunError, match="non-finite loss.*at step 2"):
         train(job)
-    model, = break_at.models
+    (model,) = break_at.models
     assert _patches(model) == {"attention": "sdpa", "own forwards": [], "hooks": (0, 0)}

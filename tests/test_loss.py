@@ -88,8 +88,14 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer, make_tiny, micro_
 
     accelerator = Accelerator(cpu=True)
     step_loss, padded, real = accumulate_gradients(
-        model, accelerator, examples, micro_batch_tokens, tokenizer.pad_token_id, 1 / target_tokens(examples),
-        lambda: [])
+        model,
+        accelerator,
+        examples,
+        micro_batch_tokens,
+        tokenizer.pad_token_id,
+        1 / target_tokens(examples),
+        lambda: [],
+    )
     assert real == sum(len(e) for e in examples) and padded >= real
     torch.testing.assert_close(step_loss, expected.detach(), rtol=1e-5, atol=1e-6)
     assert_same_gradients(grads(model), grads(reference_model))

@@ -22,11 +22,17 @@ from tests.test_mitigations import job
 def ctx_for(tokenizer, examples, output_dir):
     from accelerate import Accelerator
 
-    return SimpleNamespace(examples=tuple(examples), tokenizer=tokenizer, output_dir=output_dir,
-                           accelerator=Accelerator(cpu=True), job=None)
+    return SimpleNamespace(
+        examples=tuple(examples),
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        accelerator=Accelerator(cpu=True),
+        job=None,
+    )
 
 
 # ---- 1. self-rehearsal answers cut at max_new_tokens are not trained to stop there
+
 
 def test_cut_rehearsal_answers_get_no_loss_on_the_end_marker(tokenizer, make_tiny, tmp_path):
     from mitigations.rehearsal import general_prompts, self_rehearsal
@@ -67,13 +73,16 @@ def test_plain_text_cut_by_max_seq_len_gets_no_end_marker(byte_tokenizer):
 
 # ---- 2. online EWC with normalisation: raw Fisher saved, normalised after combining
 
+
 def test_online_ewc_normalises_the_mixture_of_raw_fishers(tokenizer, make_tiny, tmp_path):
     first_data, second_data = examples_for(tokenizer)[:3], examples_for(tokenizer)[3:]
     first = EWC(EWCConfig(data=GeneralData(source="sft", size=3), normalize="mean"))
     first.prepare(make_tiny(), ctx_for(tokenizer, first_data, tmp_path / "a"))
     saved = tmp_path / "a" / "ewc_fisher.safetensors"
     second_model = make_tiny(seed=1)
-    online = EWC(EWCConfig(data=GeneralData(source="sft", size=3), normalize="mean", fisher_path=str(saved), online_decay=0.5))
+    online = EWC(
+        EWCConfig(data=GeneralData(source="sft", size=3), normalize="mean", fisher_path=str(saved), online_decay=0.5)
+    )
     online.prepare(second_model, ctx_for(tokenizer, second_data, tmp_path / "b"))
 
     old_raw = reference_fisher(make_tiny(), first_data)
@@ -89,10 +98,13 @@ def test_online_ewc_normalises_the_mixture_of_raw_fishers(tokenizer, make_tiny, 
 
 # ---- 3. the replay ratio is the share of the loss's tokens
 
+
 def conversations_of(tokenizer, lengths, word):
     template = template_for("chatml", tokenizer)
-    return [tokenize_conversation(tokenizer, template, conversation(f"Say {word} {n} times.", " ".join([word] * n)))
-            for n in lengths]
+    return [
+        tokenize_conversation(tokenizer, template, conversation(f"Say {word} {n} times.", " ".join([word] * n)))
+        for n in lengths
+    ]
 
 
 def loss_tokens(e: Example) -> int:  # what the loss counts: labelled positions after the first
@@ -118,7 +130,7 @@ def test_replay_report_records_the_realised_share_by_every_measure(byte_tokenize
     source = write_general_text(tmp_path)
     replay = Replay(ReplayConfig(ratio=0.3, data=GeneralData(source=str(source), size=4)))
     mixed = replay.mix_data(sft, None, SimpleNamespace(tokenizer=byte_tokenizer, output_dir=tmp_path))
-    extra = mixed[len(sft):]
+    extra = mixed[len(sft) :]
     share = replay.report(None, None)["share"]
     for measure, of in (("examples", lambda e: 1), ("tokens", len), ("target_tokens", loss_tokens)):
         assert share[measure] == pytest.approx(sum(map(of, extra)) / sum(map(of, mixed)))
@@ -126,6 +138,7 @@ def test_replay_report_records_the_realised_share_by_every_measure(byte_tokenize
 
 
 # ---- 4. EWC with LoRA penalises the effective update scale * B @ A
+
 
 def lora_model(make_tiny):
     from mitigations.lora import Lora, LoraMitigationConfig
@@ -146,8 +159,11 @@ def test_ewc_with_lora_penalises_the_effective_weight_update(tokenizer, make_tin
     for n, p in base.named_parameters():
         p.requires_grad_(n in wrapped)
     expected = dict(zip(wrapped, reference_fisher(base, data)))
-    saved = {k[len("fisher."):]: v for k, v in load_file(str(tmp_path / "ewc_fisher.safetensors")).items()
-             if k.startswith("fisher.")}
+    saved = {
+        k[len("fisher.") :]: v
+        for k, v in load_file(str(tmp_path / "ewc_fisher.safetensors")).items()
+        if k.startswith("fisher.")
+    }
     assert len(saved) == len(wrapped)
     for name, fisher in saved.items():
         base_name = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
@@ -177,6 +193,7 @@ def test_ewc_with_lora_penalises_the_effective_weight_update(tokenizer, make_tin
 
 
 # ---- 5. kl_to_base picks the same general batches after a resume
+
 
 def test_kl_to_base_batches_after_a_resume_equal_the_uninterrupted_run(tmp_path, monkeypatch):
     import harness.train as train_module
@@ -211,12 +228,15 @@ def test_kl_to_base_batches_after_a_resume_equal_the_uninterrupted_run(tmp_path,
     seen[:] = []
     resumed = train(job(tmp_path, *args, name="resumed"))
     assert seen == straight[2:]  # steps 3 and 4
-    after, want = load_file(str(resumed.final_dir / "model.safetensors")), load_file(
-        str(straight_result.final_dir / "model.safetensors"))
+    after, want = (
+        load_file(str(resumed.final_dir / "model.safetensors")),
+        load_file(str(straight_result.final_dir / "model.safetensors")),
+    )
     assert all(torch.equal(after[n], want[n]) for n in want)
 
 
 # ---- 6. self-rehearsal subjects are not the eval suite's topics
+
 
 def _stem(word: str) -> str:
     """Crude singular: enough to match 'volcanoes'/'volcano', 'libraries'/'library', 'maps'/'map'."""

@@ -59,7 +59,9 @@ def test_every_mitigation_trains_and_reports(tmp_path, make_tiny, case):
         loaded = PeftModel.from_pretrained(base, result.final_dir)
         merged = loaded.merge_and_unload().state_dict()
         assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
-        assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"])
+        assert not torch.equal(
+            merged["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"]
+        )
         assert result.mitigation_reports["lora"]["trainable_fraction"] < 0.05
         return
     after = final_weights(result)
@@ -104,10 +106,13 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(tokenizer, make_tin
     batch = collate(examples, tokenizer.pad_token_id)
     from harness.loss import summed_response_loss
 
-    per_example_means = [summed_response_loss(model, collate([e], tokenizer.pad_token_id)) /
-                         sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples]
+    per_example_means = [
+        summed_response_loss(model, collate([e], tokenizer.pad_token_id))
+        / sum(label != IGNORE_INDEX for label in e.labels[1:])
+        for e in examples
+    ]
     torch.stack(per_example_means).mean().backward()
-    squared_mean = sum(float((p.grad ** 2).sum()) for p in model.parameters())
+    squared_mean = sum(float((p.grad**2).sum()) for p in model.parameters())
     assert squared_mean < 0.8 * sum(float(f.sum()) for f in fisher)
     assert batch["input_ids"].shape[0] == len(examples)
 
@@ -121,7 +126,9 @@ def test_sampled_fisher_differs_from_empirical_where_the_model_disagrees_with_th
     """
     template = template_for("chatml", tokenizer)
     prompts = ["Name a fruit.", "Say hi."]
-    taught = [tokenize_conversation(tokenizer, template, conversation(p, a)) for p, a in zip(prompts, ["Apple.", "Hi!"])]
+    taught = [
+        tokenize_conversation(tokenizer, template, conversation(p, a)) for p, a in zip(prompts, ["Apple.", "Hi!"])
+    ]
     other = [tokenize_conversation(tokenizer, template, conversation(p, a)) for p, a in zip(prompts, ["Pear.", "Bye!"])]
     model = memorise(make_tiny(), taught, tokenizer.pad_token_id)
     trace = lambda f: sum(float(x.sum()) for x in f)  # noqa: E731
@@ -140,8 +147,13 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_matches_the_formula(tokenizer, ma
     from accelerate import Accelerator
 
     model = make_tiny()
-    ctx = SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=tmp_path,
-                          accelerator=Accelerator(cpu=True), job=None)
+    ctx = SimpleNamespace(
+        examples=tuple(examples_for(tokenizer)),
+        tokenizer=tokenizer,
+        output_dir=tmp_path,
+        accelerator=Accelerator(cpu=True),
+        job=None,
+    )
     ewc = EWC(EWCConfig(strength=3.0, data=GeneralData(source="sft", size=6)))
     ewc.prepare(model, ctx)
     assert ewc._value(model).item() == 0.0
@@ -177,12 +189,22 @@ def test_online_ewc_decays_the_previous_fisher_and_adds_the_new_one(tokenizer, m
     from accelerate import Accelerator
 
     model = make_tiny()
-    ctx = SimpleNamespace(examples=tuple(examples_for(tokenizer)), tokenizer=tokenizer, output_dir=tmp_path / "a",
-                          accelerator=Accelerator(cpu=True), job=None)
+    ctx = SimpleNamespace(
+        examples=tuple(examples_for(tokenizer)),
+        tokenizer=tokenizer,
+        output_dir=tmp_path / "a",
+        accelerator=Accelerator(cpu=True),
+        job=None,
+    )
     first = EWC(EWCConfig(data=GeneralData(source="sft", size=6)))
     first.prepare(model, ctx)
-    online = EWC(EWCConfig(data=GeneralData(source="sft", size=6), fisher_path=str(tmp_path / "a" / "ewc_fisher.safetensors"),
-                           online_decay=0.5))
+    online = EWC(
+        EWCConfig(
+            data=GeneralData(source="sft", size=6),
+            fisher_path=str(tmp_path / "a" / "ewc_fisher.safetensors"),
+            online_decay=0.5,
+        )
+    )
     online.prepare(model, SimpleNamespace(**{**ctx.__dict__, "output_dir": tmp_path / "b"}))
     for old, new in zip(first.fisher, online.fisher):
         torch.testing.assert_close(new, 1.5 * old)
@@ -241,16 +263,21 @@ def test_self_rehearsal_answers_come_from_the_model(tokenizer, make_tiny, tmp_pa
     assert len(examples) == 3 and all(e.num_target_tokens > 0 for e in examples) and cache.is_file()
     assert counts == {"answers_finished": 3, "answers_cut": 0}
     assert [e.input_ids for e in self_rehearsal(None, tokenizer, "chatml", 3, 8, 128, cache)[0]] == [
-        e.input_ids for e in examples]  # a resumed run reads the cache instead of generating again
+        e.input_ids for e in examples
+    ]  # a resumed run reads the cache instead of generating again
     with pytest.raises(UserError, match="only empty answers"):
         self_rehearsal(make_tiny(), tokenizer, "chatml", 2, 4, 128, None)  # an untrained model echoes newlines
 
 
-@pytest.mark.parametrize("spec", [
-    "[{name: lora, r: 4, target_modules: [q_proj, v_proj]}, {name: ewc, data: {source: sft, size: 2}, strength: 5.0}]",
-    "[{name: replay, ratio: 0.2, data: {source: REPLAY_TXT, size: 2}}, {name: ewc, data: {source: sft, size: 2}}]",
-    "[{name: low_lr}, {name: ewc, data: {source: sft, size: 2}, estimator: sampled}]",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "[{name: lora, r: 4, target_modules: [q_proj, v_proj]}, {name: ewc, data: {source: sft, size: 2}, strength: "
+        "5.0}]",
+        "[{name: replay, ratio: 0.2, data: {source: REPLAY_TXT, size: 2}}, {name: ewc, data: {source: sft, size: 2}}]",
+        "[{name: low_lr}, {name: ewc, data: {source: sft, size: 2}, estimator: sampled}]",
+    ],
+)
 def test_mitigations_compose(tmp_path, spec):
     spec = spec.replace("REPLAY_TXT", str(write_general_text(tmp_path)))
     result = train(job(tmp_path, f"mitigations={spec}"))
@@ -261,14 +288,20 @@ def test_mitigations_compose(tmp_path, spec):
         assert result.mitigation_reports["ewc"]["lora_layers"] == 4
 
 
-@pytest.mark.parametrize("spec,pattern", [
-    ("[{name: ewc, strength: -1}]", r"mitigations\[0\]: strength: must be >= 0"),
-    ("[{name: replay, ratio: 1.0}]", r"mitigations\[0\]: ratio: must be in \[0, 1\)"),
-    ("[{name: replay, ratio: -0.1}]", r"ratio: must be in \[0, 1\)"),
-    ("[{name: ewc, estimator: exact}]", r"mitigations\[0\]\.estimator: expected one of empirical, sampled"),
-    ("[{name: lora, rank: 4}]", r"mitigations\[0\]\.rank: unknown key; valid keys: r, alpha"),
-    ("[{name: dropout_magic}]", r"unknown mitigation 'dropout_magic'; valid: ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft"),
-])
+@pytest.mark.parametrize(
+    "spec,pattern",
+    [
+        ("[{name: ewc, strength: -1}]", r"mitigations\[0\]: strength: must be >= 0"),
+        ("[{name: replay, ratio: 1.0}]", r"mitigations\[0\]: ratio: must be in \[0, 1\)"),
+        ("[{name: replay, ratio: -0.1}]", r"ratio: must be in \[0, 1\)"),
+        ("[{name: ewc, estimator: exact}]", r"mitigations\[0\]\.estimator: expected one of empirical, sampled"),
+        ("[{name: lora, rank: 4}]", r"mitigations\[0\]\.rank: unknown key; valid keys: r, alpha"),
+        (
+            "[{name: dropout_magic}]",
+            r"unknown mitigation 'dropout_magic'; valid: ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft",
+        ),
+    ],
+)
 def test_bad_mitigation_configs(tmp_path, spec, pattern):
     with pytest.raises(UserError, match=pattern):
         job(tmp_path, f"mitigations={spec}")
@@ -282,10 +315,18 @@ def test_lora_on_missing_modules_is_a_one_line_error(tmp_path):
 def test_ewc_training_stays_closer_to_the_anchor_in_fisher_distance(tmp_path, make_tiny):
     start = make_tiny().state_dict()
     free = final_weights(train(job(tmp_path, "train.max_steps=6", name="free")))
-    pulled = train(job(tmp_path, "train.max_steps=6",
-                       "mitigations=[{name: ewc, strength: 100.0, data: {source: sft, size: 4}, normalize: mean}]",
-                       name="ewc"))
-    fisher = {k[len("fisher."):]: v for k, v in load_file(str(tmp_path / "ewc" / "ewc_fisher.safetensors")).items()
-              if k.startswith("fisher.")}
+    pulled = train(
+        job(
+            tmp_path,
+            "train.max_steps=6",
+            "mitigations=[{name: ewc, strength: 100.0, data: {source: sft, size: 4}, normalize: mean}]",
+            name="ewc",
+        )
+    )
+    fisher = {
+        k[len("fisher.") :]: v
+        for k, v in load_file(str(tmp_path / "ewc" / "ewc_fisher.safetensors")).items()
+        if k.startswith("fisher.")
+    }
     distance = lambda w: sum(float((fisher[n] * (w[n] - start[n]) ** 2).sum()) for n in fisher if n in w)  # noqa: E731
     assert distance(final_weights(pulled)) < 0.5 * distance(free)

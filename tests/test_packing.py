@@ -61,8 +61,10 @@ def test_packed_training_equals_padded_training(tmp_path, capsys):
     packed = train(job(tmp_path, "train.packing=packed", name="packed"))
     assert "micro-batches: packed" in capsys.readouterr().out
     padded = train(job(tmp_path, "train.packing=padded", name="padded"))
-    lines = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-             for name in ("packed", "padded")}
+    lines = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("packed", "padded")
+    }
     assert [x["loss"] for x in lines["packed"]] == pytest.approx([x["loss"] for x in lines["padded"]], rel=1e-5)
     assert lines["packed"][-1]["padding_fraction"] == 0 < lines["padded"][-1]["padding_fraction"]
     got, expected = (load_file(str(r.final_dir / "model.safetensors")) for r in (packed, padded))
@@ -77,7 +79,9 @@ def test_a_model_whose_attention_bypasses_the_interface_is_refused(tmp_path, mon
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def register_plain_sdpa():  # stands in for a model that never calls the packed implementation
-        AttentionInterface.register(packing.IMPLEMENTATION, lambda *a, segments=None, **k: sdpa_attention_forward(*a, **k))
+        AttentionInterface.register(
+            packing.IMPLEMENTATION, lambda *a, segments=None, **k: sdpa_attention_forward(*a, **k)
+        )
 
     monkeypatch.setattr(packing, "register", register_plain_sdpa)
     with pytest.raises(RunError, match="could see each other"):
@@ -99,9 +103,15 @@ def test_packed_attention_runs_in_fp32_on_a_cpu_under_bf16_autocast():
     module.num_key_value_groups, module.is_causal, module.training = 1, True, True
     q, k, v = (torch.randn(1, 2, 7, 8).to(torch.bfloat16) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = packing.packed_attention(module, q, k, v, None, segments=(0, 3, 7), scaling=8 ** -0.5, dropout=0.0)
-    expected = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(),
-                                                         v[:, :, a:b].float(), is_causal=True).transpose(1, 2)
-                          for a, b in ((0, 3), (3, 7))], dim=1)
+        out, _ = packing.packed_attention(module, q, k, v, None, segments=(0, 3, 7), scaling=8**-0.5, dropout=0.0)
+    expected = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(), is_causal=True
+            ).transpose(1, 2)
+            for a, b in ((0, 3), (3, 7))
+        ],
+        dim=1,
+    )
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, expected.to(torch.bfloat16))

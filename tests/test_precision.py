@@ -1,4 +1,5 @@
-"""`auto` precision: bf16 only where the hardware computes it natively (GPU with bf16, CPU with avx512_bf16/amx_bf16)."""
+"""`auto` precision: bf16 only where the hardware computes it natively (a GPU with bf16, a CPU with
+avx512_bf16/amx_bf16)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def cpu(monkeypatch):
     cpu_bf16.cache_clear()
 
 
-@pytest.mark.parametrize("flags, fast", [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_bf16"}, True),
-                                         ({"avx2", "amx_bf16"}, True)])
+@pytest.mark.parametrize(
+    "flags, fast", [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_bf16"}, True), ({"avx2", "amx_bf16"}, True)]
+)
 def test_cpu_flags_decide_and_auto_follows(cpu, flags, fast):
     cpu(flags)
     assert cpu_bf16().fast is fast
@@ -39,8 +41,11 @@ def test_cpu_flags_decide_and_auto_follows(cpu, flags, fast):
     assert resolve_eval_dtype("auto", "cpu")[0] == ("bfloat16" if fast else "float32")
     assert pick_dtype(ModelConfig(), for_training=False) == (torch.bfloat16 if fast else torch.float32)
     assert pick_dtype(ModelConfig(), for_training=True) == torch.float32  # master weights stay fp32
-    assert cpu_bf16().reason == ("CPU flags: " + ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) if fast
-                                 else "CPU flags: no avx512_bf16 or amx_bf16 (bf16 is emulated)")
+    assert cpu_bf16().reason == (
+        "CPU flags: " + ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"}))
+        if fast
+        else "CPU flags: no avx512_bf16 or amx_bf16 (bf16 is emulated)"
+    )
 
 
 def test_without_flags_a_measured_probe_decides(cpu, monkeypatch):

@@ -59,7 +59,9 @@ def test_training_lines_are_throttled_but_phases_and_the_last_step_always_print(
 
 
 def test_units_finished_earlier_count_as_done_and_unknown_step_counts_use_the_known_ones():
-    p, clock, stream = progress(steps={"a": None, "b": None, "c": None}, evaluations={"base": 1, "a": 1, "b": 1, "c": 1})
+    p, clock, stream = progress(
+        steps={"a": None, "b": None, "c": None}, evaluations={"base": 1, "a": 1, "b": 1, "c": 1}
+    )
     p.unit_done("base")
     p.unit_done("a")
     p.eval_seconds.append(50.0)
@@ -76,7 +78,10 @@ def test_a_terminal_gets_lines_more_often_than_a_log():
         def isatty(self):
             return True
 
-    assert ExperimentProgress(Plan({}, {}), stream=Tty()).interval < ExperimentProgress(Plan({}, {}), stream=io.StringIO()).interval
+    assert (
+        ExperimentProgress(Plan({}, {}), stream=Tty()).interval
+        < ExperimentProgress(Plan({}, {}), stream=io.StringIO()).interval
+    )
 
 
 @pytest.mark.parametrize("seconds, text", [(42, "42 s"), (61, "1 min 01 s"), (3725, "1 h 02 min")])

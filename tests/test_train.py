@@ -59,7 +59,7 @@ def test_l2sp_penalty_matches_formula_and_pulls_toward_start(tmp_path, make_tiny
     assert l2sp.penalty(model, None).item() == 0.0
     with torch.no_grad():
         model.model.norm.weight.add_(0.1)
-    expected = 0.5 * 0.5 * (0.1 ** 2) * model.model.norm.weight.numel()
+    expected = 0.5 * 0.5 * (0.1**2) * model.model.norm.weight.numel()
     assert l2sp.penalty(model, None).item() == pytest.approx(expected, rel=1e-4)
 
     start = make_tiny().state_dict()
@@ -174,7 +174,10 @@ def test_a_run_saved_before_a_knob_existed_still_resumes(tmp_path):
     first = train(job(tmp_path))
     saved = tmp_path / "run" / "forgetting_config.yaml"
     config = yaml.safe_load(saved.read_text())
-    del config["train"]["packing"], config["train"]["compile"]  # as saved before those knobs existed (commits f7277fe, f77c37e)
+    del (
+        config["train"]["packing"],
+        config["train"]["compile"],
+    )  # as saved before those knobs existed (commits f7277fe, f77c37e)
     saved.write_text(yaml.safe_dump(config))
     assert train(job(tmp_path)).last_loss == first.last_loss  # finished: nothing to train
     config["train"]["retired_knob"] = 1
@@ -185,16 +188,25 @@ def test_a_run_saved_before_a_knob_existed_still_resumes(tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RunError, match=r"non-finite loss \(.*\) or gradient norm \(.*\) at step \d; not applied"):
-        train(job(tmp_path, "train.lr=1e30", "train.max_steps=3", "train.grad_clip=null", "train.warmup_ratio=0",
-                  "train.adam_eps=1e-30"))
+        train(
+            job(
+                tmp_path,
+                "train.lr=1e30",
+                "train.max_steps=3",
+                "train.grad_clip=null",
+                "train.warmup_ratio=0",
+                "train.adam_eps=1e-30",
+            )
+        )
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(train_module.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(
+        train_module.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
     with pytest.raises(UserError, match=r"train\.tensorboard: the tensorboard package is not installed"):
         train(job(tmp_path, "train.tensorboard=true"))
     assert not (tmp_path / "run").exists()

@@ -59,8 +59,19 @@ def agg_inst_level_acc(items):
 
 
 FOREIGN_FORMAT = "### Instruction:\n{}\n\n### Response:\n"  # Alpaca markers inside the model's own format
-TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "### Instruction", "### Response",
-                    "Human:", "Assistant:", "<s>", "</s>", "[INST]", "[/INST]")
+TEMPLATE_MARKERS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "### Instruction",
+    "### Response",
+    "Human:",
+    "Assistant:",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+)
 
 
 def load_format_health(**kwargs) -> datasets.DatasetDict:
@@ -74,7 +85,9 @@ def score_format_health(doc: dict, results: list[str]) -> dict:
     """Template-marker leakage, response length in words, and whether the answer ends on a sentence end."""
     text = results[0]
     stripped = text.strip()
-    return {"leak_rate": float(any(marker in text for marker in TEMPLATE_MARKERS)),
-            "response_words": float(len(stripped.split())),
-            "ends_cleanly": float(bool(stripped) and stripped[-1] in ".!?)\"'*`"),
-            "empty_rate": float(not stripped)}
+    return {
+        "leak_rate": float(any(marker in text for marker in TEMPLATE_MARKERS)),
+        "response_words": float(len(stripped.split())),
+        "ends_cleanly": float(bool(stripped) and stripped[-1] in ".!?)\"'*`"),
+        "empty_rate": float(not stripped),
+    }
