@@ -76,65 +76,65 @@ def _nanmean(values: list[float]) -> float:
 
 
 def benchmark_table(scores: pd.DataFrame, examples: pd.DataFrame, exp, iters: int = 2000) -> pd.DataFrame:
+    """One row per (strategy, variant, benchmark): base and after scores, the delta with its intervals, the
+    benchmark's loss term, and (with per-example scores) the paired bootstrap CI and example transitions."""
     rows = []
     base_scores = scores[scores["model"] == "base"].set_index(["task", "metric"])
     tuned = scores[scores["model"] == "tuned"]
     for task, metric in primary_metrics(scores, exp).items():
         base_row = base_scores.loc[(task, metric)]
-        base_examples = examples[
-            (examples["unit"] == "base") & (examples["task"] == task) & (examples["metric"] == metric)
-        ]
+        base_examples = _examples_of(examples, "base", task, metric)
         # a share of examples: known from the base's per-example scores (none saved: treated as unbounded)
         proportion = bool(len(base_examples)) and bool(np.isin(base_examples["value"], (0.0, 1.0)).all())
-        hib = bool(base_row["higher_is_better"])
-        for (strategy, variant), group in tuned[(tuned["task"] == task) & (tuned["metric"] == metric)].groupby(
-            ["strategy", "variant"], sort=False
-        ):
+        runs = tuned[(tuned["task"] == task) & (tuned["metric"] == metric)]
+        for (strategy, variant), group in runs.groupby(["strategy", "variant"], sort=False):
             group = group.sort_values("seed")
-            after = float(group["value"].mean())
-            delta = after - float(base_row["value"])
-            rel = delta / abs(base_row["value"]) if base_row["value"] != 0 else math.nan
-            se_low, se_high = stderr_ci(delta, float(base_row["stderr"]), list(group["stderr"].astype(float)))
-            row = {
-                "strategy": strategy,
-                "variant": variant,
-                "alpha": float(group["alpha"].iloc[0]),
-                "task": task,
-                "metric": metric,
-                "higher_is_better": hib,
-                "proportion": proportion,
-                "target": task == exp.target_task,
-                "base": float(base_row["value"]),
-                "after": after,
-                "seeds": len(group),
-                "seed_std": float(group["value"].std(ddof=1)) if len(group) > 1 else math.nan,
-                "delta": delta,
-                "rel_delta": rel,
-                "se_ci_low": se_low,
-                "se_ci_high": se_high,
-                # per seed, then averaged: the ranking's forgetting is the mean of this column (non-target rows)
-                "loss": float(
-                    np.mean(
-                        [benchmark_loss(metric, hib, proportion, float(base_row["value"]), v) for v in group["value"]]
-                    )
-                ),
-            }
-            seed_examples = [
-                examples[
-                    (examples["unit"] == unit)
-                    & (examples["variant"] == variant)
-                    & (examples["task"] == task)
-                    & (examples["metric"] == metric)
-                ]
-                for unit in group["unit"]
-            ]
+            row = _benchmark_row(strategy, variant, group, base_row, task, metric, proportion, exp)
+            seed_examples = [_examples_of(examples, unit, task, metric, variant) for unit in group["unit"]]
             if len(base_examples) and all(len(s) for s in seed_examples):
                 table = align(base_examples, seed_examples)
                 boot = paired_bootstrap(table, iters=iters)
                 row |= {k: boot[k] for k in ("ci_low", "ci_high", "rel_ci_low", "rel_ci_high", "items")}
-                row |= example_transitions(table, hib)
+                row |= example_transitions(table, row["higher_is_better"])
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _examples_of(examples: pd.DataFrame, unit: str, task: str, metric: str, variant: str | None = None):
+    """One unit's per-example scores on one benchmark (of one variant, when given)."""
+    chosen = (examples["unit"] == unit) & (examples["task"] == task) & (examples["metric"] == metric)
+    if variant is not None:
+        chosen &= examples["variant"] == variant
+    return examples[chosen]
+
+
+def _benchmark_row(strategy, variant, group: pd.DataFrame, base_row, task, metric, proportion, exp) -> dict:
+    """The scores part of a benchmark_table row: `group` holds one strategy variant's seeds on the benchmark."""
+    base = float(base_row["value"])
+    hib = bool(base_row["higher_is_better"])
+    after = float(group["value"].mean())
+    delta = after - base
+    se_low, se_high = stderr_ci(delta, float(base_row["stderr"]), list(group["stderr"].astype(float)))
+    return {
+        "strategy": strategy,
+        "variant": variant,
+        "alpha": float(group["alpha"].iloc[0]),
+        "task": task,
+        "metric": metric,
+        "higher_is_better": hib,
+        "proportion": proportion,
+        "target": task == exp.target_task,
+        "base": base,
+        "after": after,
+        "seeds": len(group),
+        "seed_std": float(group["value"].std(ddof=1)) if len(group) > 1 else math.nan,
+        "delta": delta,
+        "rel_delta": delta / abs(base) if base != 0 else math.nan,
+        "se_ci_low": se_low,
+        "se_ci_high": se_high,
+        # per seed, then averaged: the ranking's forgetting is the mean of this column (non-target rows)
+        "loss": float(np.mean([benchmark_loss(metric, hib, proportion, base, v) for v in group["value"]])),
+    }
 
 
 def strategy_table(benchmarks: pd.DataFrame, scores: pd.DataFrame, exp) -> pd.DataFrame:
