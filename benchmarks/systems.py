@@ -208,15 +208,7 @@ def _hf_trainer(setup, precision, lora, gradient_checkpointing, compile) -> Step
     trainer.create_optimizer()
     batch = next(iter(trainer.get_train_dataloader()))
     num_items = int((batch["labels"][:, 1:] != -100).sum())
-    ids = batch["input_ids"]
-    return Step(
-        _trainer_step(trainer, batch, num_items, precision),
-        int(batch["attention_mask"].sum()),
-        ids.numel(),
-        ids.shape[0],
-        ids.numel(),
-        ids.shape[0] * ids.shape[1] ** 2,
-    )
+    return _trainer_timed_step(trainer, batch, num_items, precision)
 
 
 def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
@@ -247,6 +239,11 @@ def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     batch = next(iter(trainer.get_train_dataloader()))
     mask = batch.get("completion_mask", batch.get("assistant_masks"))
     num_items = int(mask.sum()) if mask is not None else None
+    return _trainer_timed_step(trainer, batch, num_items, precision)
+
+
+def _trainer_timed_step(trainer, batch, num_items, precision) -> Step:
+    """A Trainer's step on one padded batch, with the batch's token counts (every row as wide as the longest)."""
     ids = batch["input_ids"]
     return Step(
         _trainer_step(trainer, batch, num_items, precision),
