@@ -199,6 +199,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def upgrade_keys(cls: type, data: dict) -> dict:
+    """`data` for `cls` with an older spelling rewritten to today's: a scalar given where a nested config with a
+    `scalar_key` is now asked becomes `{scalar_key: value}`, and keys in `cls.moved_keys` move to their dotted
+    place. For configs saved by an older version (a run directory must still resume and report); a config a user
+    writes is not upgraded: `from_dict` refuses the old spelling with the new one in the message."""
+    data = copy.deepcopy(data)
+    hints = typing.get_type_hints(cls)
+    for key, value in list(data.items()):
+        scalar_key = getattr(hints.get(key), "scalar_key", None)
+        if scalar_key and value is not None and not isinstance(value, dict):
+            data[key] = {scalar_key: value}
+    for old, new in getattr(cls, "moved_keys", {}).items():
+        if old in data and isinstance(data.get(new.split(".")[0], {}), dict):
+            set_key(data, new.split("."), data.pop(old), old)
+    return data
+
+
 def set_key(data: dict, keys: list[str], value: Any, where: str) -> None:
     """data[k1][k2]...[kn] = value, creating mappings on the way (unknown keys are caught by `from_dict`)."""
     node = data

@@ -17,13 +17,15 @@ import copy
 import itertools
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from evals.runner import EvalSettings
 from harness.config import DataConfig, ModelConfig, TrainConfig
-from harness.configlib import from_dict, knob, load_config, set_key, to_dict
+from harness.configlib import from_dict, knob, load_config, read_yaml, set_key, to_dict
 from harness.errors import UserError
 from harness.job import TrainJob
+from mitigations import upgrade_axis, upgrade_specs
 
 # The primary metric of each suite task: what the forgetting report compares (other tasks: their first metric).
 PRIMARY_METRICS = {
@@ -178,6 +180,32 @@ def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = F
         return exp
     preset = [*QUICK_OVERRIDES, f"seeds=[{exp.seeds[0]}]", f"output_dir={exp.output_dir}-quick"]
     return load_config(Experiment, path, [*overrides, *preset])
+
+
+def upgrade_experiment(data: dict) -> dict:
+    """An experiment config saved by an older version (a run directory's experiment.yaml), with every strategy's
+    mitigations and sweep axes respelled as today's; it still resumes and reports."""
+    if not isinstance(data, dict) or not isinstance(data.get("strategies"), list):
+        return data
+    strategies = [
+        dict(
+            strategy,
+            mitigations=upgrade_specs(strategy.get("mitigations", [])),
+            sweep={upgrade_axis(axis): values for axis, values in strategy.get("sweep", {}).items()},
+        )
+        if isinstance(strategy, dict) and isinstance(strategy.get("sweep", {}), dict)
+        else strategy
+        for strategy in data["strategies"]
+    ]
+    return dict(data, strategies=strategies)
+
+
+def load_saved_experiment(path: Path) -> Experiment:
+    """The experiment a run directory's experiment.yaml describes (older spellings upgraded)."""
+    try:
+        return from_dict(Experiment, upgrade_experiment(read_yaml(path)))
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 def primary_metric(task: str, available: list[str], chosen: dict[str, str] | None = None) -> str | None:

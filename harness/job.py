@@ -12,7 +12,7 @@ from typing import Any
 from harness.config import DataConfig, ModelConfig, TrainConfig
 from harness.configlib import from_dict, knob, load_config, to_dict
 from harness.errors import HarnessError
-from mitigations import validate_specs
+from mitigations import upgrade_specs, validate_specs
 
 
 @dataclass
@@ -30,6 +30,13 @@ class TrainJob:
 def load_job(path: str | None, overrides: list[str] = ()) -> TrainJob:
     """The training job from a YAML file plus `key=value` overrides, validated."""
     return load_config(TrainJob, path, overrides)
+
+
+def upgrade_job(config: dict) -> dict:
+    """A job config saved by an older version, with its mitigations respelled as today's (see `upgrade_specs`)."""
+    if not isinstance(config, dict) or "mitigations" not in config:
+        return config
+    return dict(config, mitigations=upgrade_specs(config["mitigations"]))
 
 
 def comparable(config: dict, cls: type = TrainJob) -> dict:

@@ -34,7 +34,7 @@ from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
 from harness.configlib import to_dict
 from harness.data import load_conversations
 from harness.errors import RunError, UserError
-from harness.experiment import Experiment, Unit, units
+from harness.experiment import Experiment, Unit, units, upgrade_experiment
 from harness.io import atomic_write_json, cache_root, claim_run_dir
 from harness.job import comparable
 from harness.precision import resolve_eval_dtype, resolve_precision
@@ -50,7 +50,11 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval"
 def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
     """Create the run directory or check it holds this same experiment; True when resuming."""
     return claim_run_dir(
-        run_dir, EXPERIMENT_FILE, to_dict(exp), lambda config: comparable(config, Experiment), what="experiment"
+        run_dir,
+        EXPERIMENT_FILE,
+        to_dict(exp),
+        lambda config: comparable(upgrade_experiment(config), Experiment),
+        what="experiment",
     )
 
 

@@ -45,7 +45,7 @@ from harness.data import DataStats, load_conversations, tokenize_all
 from harness.errors import RunError, UserError
 from harness.formats import Example, attach_format
 from harness.io import atomic_write_text, atomic_write_yaml, claim_run_dir
-from harness.job import TrainJob, comparable
+from harness.job import TrainJob, comparable, upgrade_job
 from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
@@ -165,7 +165,9 @@ def accumulate_gradients(
 def finished_run(job: TrainJob, output_dir: Path) -> bool:
     """Claim `output_dir` for `job` (read-only: refuses another run's directory); True when it holds the
     finished run."""
-    existing = claim_run_dir(output_dir, ckpt.CONFIG_NAME, to_dict(job), comparable, write=False)
+    existing = claim_run_dir(
+        output_dir, ckpt.CONFIG_NAME, to_dict(job), lambda config: comparable(upgrade_job(config)), write=False
+    )
     return existing and (output_dir / "final" / "trainer_state.json").is_file()
 
 

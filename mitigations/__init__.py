@@ -15,6 +15,8 @@ from mitigations.registry import (
     hook_results,
     register_mitigation,
     registered,
+    upgrade_axis,
+    upgrade_specs,
     validate_specs,
 )
 
@@ -28,5 +30,7 @@ __all__ = [
     "hook_results",
     "register_mitigation",
     "registered",
+    "upgrade_axis",
+    "upgrade_specs",
     "validate_specs",
 ]

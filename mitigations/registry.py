@@ -34,7 +34,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from harness.configlib import from_dict
+from harness.configlib import from_dict, upgrade_keys
 from harness.errors import UserError
 
 HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "penalty_grad", "export", "report")
@@ -114,6 +114,26 @@ def _one_param_groups(names: list[str]) -> None:
             f"mitigations: {setting[0]!r} and {setting[1]!r} both set the optimizer's parameter "
             f"groups (param_groups); use one of them"
         )
+
+
+def upgrade_specs(specs: Any) -> Any:
+    """Mitigation specs saved by an older version, respelled as today's configs read them (see
+    `configlib.upgrade_keys`); specs that name no registered mitigation are left for validation to judge."""
+    if not isinstance(specs, list):
+        return specs
+    return [
+        upgrade_keys(REGISTRY[spec["name"]][0], spec)
+        if isinstance(spec, dict) and spec.get("name") in REGISTRY
+        else spec
+        for spec in specs
+    ]
+
+
+def upgrade_axis(axis: str) -> str:
+    """A sweep axis `NAME.KNOB` saved by an older version, with the knob's new dotted place if it moved."""
+    name, _, knob_name = axis.partition(".")
+    moved = getattr(REGISTRY[name][0], "moved_keys", {}) if name in REGISTRY else {}
+    return f"{name}.{moved[knob_name]}" if knob_name in moved else axis
 
 
 def build_mitigations(specs: list[dict]) -> list[Any]:

@@ -18,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from evals.runner import metric_entries
-from harness.configlib import load_config
-from harness.experiment import Experiment, units
+from harness.experiment import load_saved_experiment, units
 
 # Lower-is-better metrics, for results that do not say (lm-eval's `higher_is_better` is used when present)
 LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "leak_rate", "empty_rate"}
@@ -137,7 +136,7 @@ def _labels(model: str, unit=None, variant: str = "final", status: str = "done")
 
 def build_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(scores, examples, units) of a run directory, from its saved results and manifest."""
-    exp = load_config(Experiment, run_dir / "experiment.yaml")
+    exp = load_saved_experiment(run_dir / "experiment.yaml")
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     scores, examples, unit_rows = [], [], []
     sources = [(run_dir / "base" / "eval.json", _labels("base"))]

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.configlib import load_config
 from harness.errors import UserError
-from harness.experiment import Experiment
+from harness.experiment import load_saved_experiment
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from reports import plots
 from reports.forgetting import LOSS_TEXT, benchmark_table, strategy_table
@@ -127,7 +126,7 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
         raise UserError(f"{run_dir}: not a run directory (no experiment.yaml)")
     if not (run_dir / "base" / "eval.json").is_file():
         raise UserError(f"{run_dir}: the base model has not been evaluated yet; run the experiment first")
-    exp = load_config(Experiment, run_dir / "experiment.yaml")
+    exp = load_saved_experiment(run_dir / "experiment.yaml")
     scores, examples, unit_table = build_tables(run_dir)
     _write_tables(run_dir, scores, examples)
     benchmarks = benchmark_table(scores, examples, exp, iters=bootstrap_iters)

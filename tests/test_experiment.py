@@ -313,3 +313,38 @@ def test_resuming_on_changed_data_is_refused(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     assert "the data changed since this run started" in capsys.readouterr().err
     assert (tmp_path / "run" / "manifest.json").read_text() == manifest
+
+
+# the spelling of general data before it was one `data` mapping, and the same experiment spelled today
+OLD_STRATEGIES = [
+    {"name": "replay", "mitigations": [{"name": "replay", "ratio": 0.3, "source": "self", "pool_size": 8}]},
+    {"name": "ewc", "mitigations": [{"name": "ewc", "data": "sft", "samples": 4}], "sweep": {"ewc.samples": [2, 4]}},
+]
+NEW_STRATEGIES = [
+    {"name": "replay", "mitigations": [{"name": "replay", "ratio": 0.3, "data": {"source": "self", "size": 8}}]},
+    {
+        "name": "ewc",
+        "mitigations": [{"name": "ewc", "data": {"source": "sft", "size": 4}}],
+        "sweep": {"ewc.data.size": [2, 4]},
+    },
+]
+
+
+def test_a_run_directory_saved_with_older_mitigation_keys_resumes_and_reports_as_today(tmp_path):
+    from harness.configlib import to_dict
+    from harness.experiment import load_saved_experiment
+    from harness.io import atomic_write_yaml
+    from harness.pipeline import open_run_dir
+
+    write(tmp_path, "new.yaml", {"strategies": NEW_STRATEGIES, "output_dir": str(tmp_path / "run")})
+    exp = load_experiment(str(tmp_path / "new.yaml"))
+    saved = dict(to_dict(exp), strategies=OLD_STRATEGIES)
+    atomic_write_yaml(tmp_path / "run" / "experiment.yaml", saved)
+    with pytest.raises(UserError, match="moved to data"):  # a config a user writes is not silently respelled
+        load_experiment(str(tmp_path / "run" / "experiment.yaml"))
+    assert open_run_dir(exp, tmp_path / "run") is True  # the same experiment: it resumes
+    old = load_saved_experiment(tmp_path / "run" / "experiment.yaml")
+    assert [to_dict(u.job) for u in units(old)] == [to_dict(u.job) for u in units(exp)]
+    changed = load_experiment(str(tmp_path / "new.yaml"), ["seeds=[1]"])
+    with pytest.raises(UserError, match="holds a different experiment"):
+        open_run_dir(changed, tmp_path / "run")

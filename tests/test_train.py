@@ -230,3 +230,18 @@ def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(UserError, match="train.compile: .*C\\+\\+ compiler"):
         train(job(tmp_path, "train.compile=true"))
+
+
+def test_a_run_saved_with_older_mitigation_keys_is_claimed_as_the_same_run(tmp_path):
+    from harness.configlib import to_dict
+    from harness.io import atomic_write_yaml
+    from harness.train import finished_run
+
+    run = job(tmp_path, "mitigations=[{name: ewc, data: {source: sft, size: 4}}]")
+    saved = dict(to_dict(run), mitigations=[{"name": "ewc", "data": "sft", "samples": 4}])
+    atomic_write_yaml(tmp_path / "run" / "forgetting_config.yaml", saved)
+    assert finished_run(run, tmp_path / "run") is False  # the same run, not finished: it resumes
+    saved["mitigations"][0]["strength"] = 2.0
+    atomic_write_yaml(tmp_path / "run" / "forgetting_config.yaml", saved)
+    with pytest.raises(UserError, match="holds a different run"):
+        finished_run(run, tmp_path / "run")
