@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # deferred on purpose: the commands import torch, transformers, peft and lm-eval (~6 s), which `--help`
     # and a mistyped command line should not wait for
-    from harness import commands
-
-    commands.quiet_libraries()
     try:
+        from harness import commands
+
+        commands.quiet_libraries()
         return getattr(commands, f"cmd_{args.command_name}")(args)
     except HarnessError as err:
         if args.debug:

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 from evals.runner import EvalSettings
 from harness.config import DataConfig, ModelConfig, TrainConfig
-from harness.configlib import from_dict, knob, load_config, read_yaml, set_key, to_dict
+from harness.configlib import apply_overrides, from_dict, knob, load_config, read_yaml, set_key, to_dict
 from harness.errors import UserError
 from harness.job import TrainJob
 from mitigations import upgrade_axis, upgrade_specs
@@ -142,7 +142,8 @@ def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_
                 f"{where}.sweep: axis {axis!r} is neither a job key (data.limit, train.lr, ...) nor "
                 f"<mitigation>.<field> of a mitigation this strategy lists"
             )
-        set_key(spec, axis.split(".")[1:], value, f"{where}.sweep")  # replay.data.size: a nested knob
+        # replay.data.size: a nested knob; an axis saved before its knob moved names the units as it did
+        set_key(spec, upgrade_axis(axis).split(".")[1:], value, f"{where}.sweep")
     data["train"]["seed"] = seed
     data["mitigations"] = mitigations
     data["output_dir"] = output_dir
@@ -175,6 +176,7 @@ def units(exp: Experiment) -> list[Unit]:
 
 def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = False) -> Experiment:
     """The experiment from YAML + `key=value` overrides (+ the quick preset), validated."""
+    refuse_moved_axes(apply_overrides(read_yaml(path) if path is not None else {}, list(overrides)), path)
     exp = load_config(Experiment, path, list(overrides))
     if not quick:
         return exp
@@ -182,21 +184,30 @@ def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = F
     return load_config(Experiment, path, [*overrides, *preset])
 
 
-def upgrade_experiment(data: dict) -> dict:
+def refuse_moved_axes(data: dict, path: str | None) -> None:
+    """A config a user writes names sweep axes as today's knobs: a moved one is refused with its new name."""
+    for i, strategy in enumerate(data.get("strategies") or []):
+        sweep = strategy.get("sweep") if isinstance(strategy, dict) else None
+        for axis in sweep if isinstance(sweep, dict) else ():
+            if upgrade_axis(axis) != axis:
+                where = f"{path}: " if path is not None else ""
+                raise UserError(f"{where}strategies[{i}].sweep.{axis}: moved to {upgrade_axis(axis)}; rename the axis")
+
+
+def upgrade_experiment(data: dict, rename_axes: bool = False) -> dict:
     """An experiment config saved by an older version (a run directory's experiment.yaml), with every strategy's
-    mitigations and sweep axes respelled as today's; it still resumes and reports."""
+    mitigations respelled as today's; it still resumes and reports. Sweep axes keep their saved names, which name
+    the saved units (`unit_job` puts a moved knob's values where the knob lives today), unless `rename_axes`: the
+    view that compares a saved experiment with today's spelling of it."""
     if not isinstance(data, dict) or not isinstance(data.get("strategies"), list):
         return data
-    strategies = [
-        dict(
-            strategy,
-            mitigations=upgrade_specs(strategy.get("mitigations", [])),
-            sweep={upgrade_axis(axis): values for axis, values in strategy.get("sweep", {}).items()},
-        )
-        if isinstance(strategy, dict) and isinstance(strategy.get("sweep", {}), dict)
-        else strategy
-        for strategy in data["strategies"]
-    ]
+    strategies = []
+    for strategy in data["strategies"]:
+        if isinstance(strategy, dict):
+            strategy = dict(strategy, mitigations=upgrade_specs(strategy.get("mitigations", [])))
+            if rename_axes and isinstance(strategy.get("sweep"), dict):
+                strategy["sweep"] = {upgrade_axis(axis): values for axis, values in strategy["sweep"].items()}
+        strategies.append(strategy)
     return dict(data, strategies=strategies)
 
 

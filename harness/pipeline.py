@@ -53,7 +53,7 @@ def open_run_dir(exp: Experiment, run_dir: Path) -> bool:
         run_dir,
         EXPERIMENT_FILE,
         to_dict(exp),
-        lambda config: comparable(upgrade_experiment(config), Experiment),
+        lambda config: comparable(upgrade_experiment(config, rename_axes=True), Experiment),
         what="experiment",
     )
 

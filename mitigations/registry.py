@@ -34,8 +34,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from harness.configlib import from_dict, upgrade_keys
-from harness.errors import UserError
+from harness.configlib import from_dict, to_dict, upgrade_keys
+from harness.errors import HarnessError, UserError
 
 HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "penalty_grad", "export", "report")
 CHAINED = ("wrap_model", "mix_data")  # hooks whose first argument is the previous mitigation's output
@@ -118,15 +118,20 @@ def _one_param_groups(names: list[str]) -> None:
 
 def upgrade_specs(specs: Any) -> Any:
     """Mitigation specs saved by an older version, respelled as today's configs read them (see
-    `configlib.upgrade_keys`); specs that name no registered mitigation are left for validation to judge."""
+    `configlib.upgrade_keys`) and resolved in full, so that a spec that left a knob at its default equals one that
+    spells it; specs that name no registered mitigation or do not resolve are left for validation to judge."""
     if not isinstance(specs, list):
         return specs
-    return [
-        upgrade_keys(REGISTRY[spec["name"]][0], spec)
-        if isinstance(spec, dict) and spec.get("name") in REGISTRY
-        else spec
-        for spec in specs
-    ]
+    return [_resolved(spec) if isinstance(spec, dict) and spec.get("name") in REGISTRY else spec for spec in specs]
+
+
+def _resolved(spec: dict) -> dict:
+    config_cls = REGISTRY[spec["name"]][0]
+    fields = upgrade_keys(config_cls, {k: v for k, v in spec.items() if k != "name"})
+    try:
+        return {"name": spec["name"], **to_dict(from_dict(config_cls, fields))}
+    except (HarnessError, ValueError, TypeError):
+        return {"name": spec["name"], **fields}
 
 
 def upgrade_axis(axis: str) -> str:

@@ -101,7 +101,7 @@ BAD_EXPERIMENTS = [
     ({"strategies": [{"name": "a", "sweep": {"replay.ratio": [0.1]}}]}, "axis 'replay.ratio'"),
     (
         {"strategies": [{"name": "a", "mitigations": [{"name": "replay"}], "sweep": {"replay.pool_size": [8]}}]},
-        "mitigations[0].pool_size: moved to data.size; write data: {size: 8}",
+        "strategies[0].sweep.replay.pool_size: moved to replay.data.size; rename the axis",
     ),
     ({"strategies": [{"name": "a", "overrides": {"train.lrr": 1}}]}, "(a).train.lrr: unknown key; did you mean 'lr'?"),
     ({"strategies": [{"name": "a", "overrides": {"train.lr": "fast"}}]}, "train.lr: expected a number"),
@@ -317,7 +317,7 @@ def test_resuming_on_changed_data_is_refused(tmp_path, capsys):
 
 # the spelling of general data before it was one `data` mapping, and the same experiment spelled today
 OLD_STRATEGIES = [
-    {"name": "replay", "mitigations": [{"name": "replay", "ratio": 0.3, "source": "self", "pool_size": 8}]},
+    {"name": "replay", "mitigations": [{"name": "replay", "ratio": 0.3, "pool_size": 8}]},  # source: its default
     {"name": "ewc", "mitigations": [{"name": "ewc", "data": "sft", "samples": 4}], "sweep": {"ewc.samples": [2, 4]}},
 ]
 NEW_STRATEGIES = [
@@ -335,16 +335,24 @@ def test_a_run_directory_saved_with_older_mitigation_keys_resumes_and_reports_as
     from harness.experiment import load_saved_experiment
     from harness.io import atomic_write_yaml
     from harness.pipeline import open_run_dir
+    from mitigations import upgrade_specs
 
     write(tmp_path, "new.yaml", {"strategies": NEW_STRATEGIES, "output_dir": str(tmp_path / "run")})
     exp = load_experiment(str(tmp_path / "new.yaml"))
     saved = dict(to_dict(exp), strategies=OLD_STRATEGIES)
     atomic_write_yaml(tmp_path / "run" / "experiment.yaml", saved)
-    with pytest.raises(UserError, match="moved to data"):  # a config a user writes is not silently respelled
+    with pytest.raises(UserError, match="moved to"):  # a config a user writes is not silently respelled
         load_experiment(str(tmp_path / "run" / "experiment.yaml"))
     assert open_run_dir(exp, tmp_path / "run") is True  # the same experiment: it resumes
-    old = load_saved_experiment(tmp_path / "run" / "experiment.yaml")
-    assert [to_dict(u.job) for u in units(old)] == [to_dict(u.job) for u in units(exp)]
+    old, new = units(load_saved_experiment(tmp_path / "run" / "experiment.yaml")), units(exp)
+
+    # the same jobs; the units keep the ids the older version gave them (named after the saved sweep axis)
+    def resolved(unit):  # the job with its mitigations' configs in full (a saved spec spells every knob)
+        return dict(to_dict(unit.job), output_dir=None, mitigations=upgrade_specs(unit.job.mitigations))
+
+    assert [resolved(u) for u in old] == [resolved(u) for u in new]
+    assert [u.id for u in old] == [u.id.replace("size-", "samples-") for u in new]
+    assert "samples-2" in old[1].id
     changed = load_experiment(str(tmp_path / "new.yaml"), ["seeds=[1]"])
     with pytest.raises(UserError, match="holds a different experiment"):
         open_run_dir(changed, tmp_path / "run")
