@@ -7,7 +7,7 @@ step). `configs/demo.yaml` shrinks the budget for a CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from harness.configlib import knob
 
@@ -117,11 +117,23 @@ class TrainConfig:
         "torch.compile the model (inductor): faster steps after a one-time compile (~1 min for 135M on CPU; needs a "
         "C++ compiler there)",
     )
+    distributed: Literal["ddp", "fsdp"] = knob(
+        "ddp",
+        "with several processes: ddp (each holds the whole model, gradients and AdamW state) or fsdp (PyTorch "
+        "FSDP2: parameters, gradients and AdamW state sharded per decoder layer across the processes)",
+    )
+    save_dtype: Literal["float32", "bfloat16"] = knob(
+        "float32", "dtype of the weights in final/ (the trained master weights are fp32; bfloat16 halves the files)"
+    )
     log_every: int = knob(1, "write a metrics line every N steps")
     tensorboard: bool = knob(False, "also log metrics to output_dir/tensorboard (needs the tensorboard package)")
     save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = knob(1, "intermediate checkpoints to keep (the final one is always kept)")
     progress: bool = knob(True, "show a progress bar")
+    refused_values: ClassVar[dict[tuple[str, str], str]] = {
+        ("distributed", "deepspeed"): "use fsdp (PyTorch FSDP2 shards parameters, gradients and optimizer state "
+        "as ZeRO-3 does; one sharding engine, with every mitigation)",
+    }
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -152,5 +164,7 @@ class TrainConfig:
                 "train.packing=packed cannot be combined with train.compile (packed rows change shape "
                 "every step and would recompile); use packing=padded or compile=false"
             )
+        if self.distributed == "fsdp" and self.compile:
+            raise ValueError("train.compile is not supported with train.distributed=fsdp; set train.compile=false")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.save_every and train.keep_checkpoints: must be >= 0")

@@ -145,6 +145,9 @@ def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
     kwargs = {} if base is None else {name: getattr(base, name) for name in names}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
+        refusal = getattr(cls, "refused_values", {}).get((key, value if isinstance(value, str) else None))
+        if refusal:
+            raise UserError(f"{where}: {value} is not supported; {refusal}")
         if key not in names:
             if key in moved:
                 raise UserError(f"{where}: moved to {moved[key]}; write {_spelled(moved[key], value)}")

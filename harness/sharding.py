@@ -1,0 +1,97 @@
+"""Sharded training with PyTorch FSDP2 (`fully_shard`): the model split across the processes per decoder layer.
+
+`train.distributed: fsdp` shards every decoder layer and then the root (embeddings, final norm, a tied or
+separate LM head) over all processes: each holds 1/N of every parameter, of its gradient and of AdamW's state,
+and a layer's full weights exist only while it runs (all-gathered in forward and backward, gradients
+reduce-scattered after backward, averaged over the processes as DDP averages them). Under `bf16` precision the
+all-gathered weights are cast to bf16 (FSDP's MixedPrecisionPolicy) while the shards, the optimizer and the
+gradient reduction stay fp32.
+
+Outside forward and backward a sharded model's parameters are DTensors whose local part is this process's
+shard. Mitigations work on those local shards (`local`): a penalty summed over the local shards has its
+exact gradient on them (it does not pass the reduce-scatter, so it is not averaged), which is what a
+per-parameter penalty needs. What must see whole tensors gathers them one at a time (`full`,
+`full_tensors`), never a whole model.
+
+Every forward of a sharded model is a collective: all processes must call it the same number of times
+(the loop pads a process that has fewer micro-batches with an empty one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from harness.errors import UserError
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded parameter (autograd flows to the parameter), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered from the shards (every process must call this), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This process's part of `whole`, a tensor shaped like the (possibly sharded) `param`, on param's device."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements).to_local()
+    return whole.to(param.device)
+
+
+def local_sum(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """A sum taken over local shards, summed over the processes (the whole model's value); every process calls."""
+    if is_sharded(model):
+        value = value.detach().clone()
+        dist.all_reduce(value)
+    return value
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules of the classes transformers names in `_no_split_modules`."""
+    names: set[str] = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError(
+            f"train.distributed=fsdp: cannot find the decoder layers of {type(model).__name__} "
+            f"(transformers lists none in _no_split_modules); use train.distributed=ddp"
+        )
+    return layers
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    """Move `model` to `device` and shard it in place: each decoder layer, then the root (`fully_shard`)."""
+    model.to(device)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    kwargs = {"mp_policy": policy} if policy else {}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on the CPU of the main process ({} elsewhere); every process calls this."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_tensors(named: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor on the CPU), gathered one at a time; every process iterates (collectives inside)."""
+    for name, tensor in named:
+        yield name, full(tensor.detach()).cpu()
