@@ -13,12 +13,16 @@ chained hooks, `chain` (each mitigation receives the previous one's output).
     penalty_grad(model, ctx) -> None        adds a penalty's exact gradient to the trainable parameters' .grad in
                                             one fused pass, for penalties whose value is costly to form every
                                             step (EWC); called after backward, before clipping
-    export(model, ctx) -> {name: model}     after training: extra models saved as final/<name> (merged LoRA)
+    export(directory, ctx) -> None          after training: extra models written from the saved files into
+                                            directory/<name> (merged LoRA, WiSE-FT points); called on every
+                                            process once the final model is in directory, the main one writes
     report(model, ctx) -> dict              after training: numbers recorded beside the run's results
 
 Three hooks may change state: `prepare` (the mitigation's own: anchors, Fisher, pools), `penalty_grad` (adds
-to the parameters' .grad) and `wrap_model` (returns a new or wrapped model, whose parameters it may freeze).
-The others only return values; the loop decides what to do with them.
+to the parameters' .grad) and `wrap_model` (returns a new or wrapped model, whose parameters it may freeze);
+`export` writes files, into `directory` only. The others only return values; the loop decides what to do with
+them. `prepare` and `wrap_model` may write the mitigation's own files under ctx.output_dir (a base model to
+merge with, a Fisher estimate).
 
 `ctx` is a read-only `harness.train.TrainContext`. Register an implementation with
 
