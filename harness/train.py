@@ -13,10 +13,12 @@
             maybe_checkpoint(run, step)
     finish(run) -> TrainResult          mitigations' reports, held-out loss after, final checkpoint + summary
 
-Runs on `accelerate`: `torchrun` / `accelerate launch` give DDP with the same global batch (each process
-takes a share of every step; the loss is normalised by the step's global token count, so the gradient
-equals the one-process gradient). Mitigations plug in through the hooks in `mitigations/registry.py`, every
-hook called through its dispatchers (`hook_results`, `chain`).
+Runs on `accelerate`: `torchrun` / `accelerate launch` give DDP with the same global batch (each
+process takes a share of every step; the loss is normalised by the step's global token count, so the
+gradient equals the one-process gradient), or with `train.distributed: fsdp` the model sharded across the
+processes by FSDP2 (`harness.sharding`), the same global batch and normalisation. Mitigations plug in
+through the hooks in `mitigations/registry.py`, every hook called through its dispatchers (`hook_results`,
+`chain`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import closing, nullcontext
@@ -50,6 +53,7 @@ from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
 from harness.precision import resolve_precision
+from harness.sharding import compute_dtype, full, is_sharded, shard_model
 from mitigations import build_mitigations, chain, hook_results
 
 
@@ -78,6 +82,7 @@ class TrainResult:
 
 
 def make_accelerator(job: TrainJob):
+    refuse_other_engines()
     precision, why = resolve_precision(job.train.precision)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = (
@@ -89,6 +94,20 @@ def make_accelerator(job: TrainJob):
     if accelerator.is_main_process:
         print(f"precision: {precision} ({why})", flush=True)
     return accelerator
+
+
+def refuse_other_engines() -> None:
+    """`accelerate launch` with a DeepSpeed or accelerate-FSDP config would wrap the model its own way: refuse."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise UserError(
+            "DeepSpeed is not supported: launch without a DeepSpeed config and set train.distributed=fsdp "
+            "(PyTorch FSDP2 shards parameters, gradients and optimizer state as ZeRO-3 does)"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise UserError(
+            "accelerate's FSDP config is not used: launch without it and set train.distributed=fsdp (the "
+            "harness shards the model itself, so that every mitigation sees the shards)"
+        )
 
 
 def compile_model(model: torch.nn.Module, device: torch.device) -> None:
@@ -136,30 +155,46 @@ def accumulate_gradients(
     scale: float,
     penalties,
     packed: bool = False,
+    filler: Example | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """Forward and backward every micro-batch of `examples` (this process's share of one optimizer step).
 
     Micro-batches are packed rows (`harness.packing`, the model's attention switched to packed) or padded
-    ones. Gradients are synchronised across processes only on the last micro-batch, which also carries the
-    mitigations' penalty terms (`penalties()` is called once per step). Returns (the step's response loss
-    on this process, padded tokens, real tokens).
+    ones. Under DDP gradients are synchronised only on the last micro-batch; a sharded model reduce-scatters
+    after each (its full gradients never exist), and every process runs as many micro-batches as the busiest
+    one (the extra ones are `filler` with loss x 0: forwards of a sharded model are collectives). The last
+    micro-batch carries the mitigations' penalty terms (`penalties()` is called once per step). Returns (the
+    step's response loss on this process, padded tokens, real tokens).
     """
     lengths = [len(e) for e in examples]
     groups = micro_batches(list(range(len(examples))), lengths, micro_batch_tokens, packed=packed)
+    sharded = is_sharded(model)
+    batches = [[examples[j] for j in group] for group in groups]
+    extra = _missing_micro_batches(len(batches), accelerator) if sharded else 0
+    weights = [scale] * len(batches) + [0.0] * extra
+    batches += [[filler or examples[0]]] * extra
     step_loss = torch.zeros((), device=accelerator.device)
     padded = real = 0
-    for i, group in enumerate(groups):
-        last = i == len(groups) - 1
-        batch = packing.pack([examples[j] for j in group]) if packed else collate([examples[j] for j in group], pad_id)
-        padded += batch["input_ids"].numel()
-        real += sum(lengths[j] for j in group)
+    for i, (rows, weight) in enumerate(zip(batches, weights)):
+        last = i == len(batches) - 1
+        batch = packing.pack(rows) if packed else collate(rows, pad_id)
+        if weight:
+            padded += batch["input_ids"].numel()
+            real += sum(len(e) for e in rows)
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+        with nullcontext() if last or sharded else accelerator.no_sync(model), accelerator.autocast():
             terms = penalties() if last else []
-            loss = loss_step(model, batch, scale, terms)
-            accelerator.backward(loss)
+            loss = loss_step(model, batch, weight, terms)
+            loss.backward() if sharded else accelerator.backward(loss)
         step_loss += (loss - sum(terms)).detach() if terms else loss.detach()
     return step_loss, padded, real
+
+
+def _missing_micro_batches(count: int, accelerator) -> int:
+    """How many micro-batches fewer than the busiest process this one has."""
+    most = torch.tensor([count], device=accelerator.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item()) - count
 
 
 def finished_run(job: TrainJob, output_dir: Path) -> bool:
@@ -282,7 +317,10 @@ def setup(job: TrainJob, accelerator) -> Run:
         start_step=checkpoints[-1][0] if checkpoints else 0,
     )
     model = chain(mitigations, "wrap_model", model, ctx)
-    model.to(accelerator.device)
+    if sharding_on(job, accelerator):
+        shard_model(model, accelerator.device, compute_dtype(accelerator))
+    else:
+        model.to(accelerator.device)
     if job.train.compile:
         compile_model(model, accelerator.device)
     examples = list(chain(mitigations, "mix_data", examples, model, ctx))
@@ -305,6 +343,17 @@ def setup(job: TrainJob, accelerator) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         lengths=[len(e) for e in examples],
     )
+
+
+def sharding_on(job: TrainJob, accelerator) -> bool:
+    """Whether the model is sharded: `train.distributed=fsdp` in a process group (torchrun, accelerate launch)."""
+    if job.train.distributed != "fsdp":
+        return False
+    if not torch.distributed.is_initialized():
+        if accelerator.is_main_process:
+            print("train.distributed=fsdp: one process without a launcher; nothing to shard, training unsharded")
+        return False
+    return True
 
 
 def load_data(job: TrainJob, tokenizer, accelerator) -> tuple[list[Example], DataStats, list[Example] | None]:
@@ -339,9 +388,10 @@ def optimization(job: TrainJob, accelerator, model, mitigations: list, ctx: Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, len(steps), t.warmup_ratio, t.schedule, t.min_lr_ratio)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not is_sharded(model):  # DDP wrapping; a sharded model is already distributed
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
     model.train()
-    accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler, steps
 
 
@@ -353,15 +403,17 @@ def resume(run: Run) -> None:
     from step 0 starts it with the held-out loss before training."""
     if run.checkpoints:
         path = run.checkpoints[-1][1]
-        run.accelerator.load_state(str(path / "state"))
+        ckpt.load_state(run.accelerator, run.model, run.optimizer, run.scheduler, path / "state")
         if run.is_main:
             print(f"resuming from {path} (step {run.start} of {len(run.steps)})", flush=True)
+    loss = None
+    if run.heldout is not None and run.start == 0 and (run.is_main or is_sharded(run.model)):
+        loss = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
     if not run.is_main:
         return
     lines = run.metrics_path.read_text().splitlines() if run.metrics_path.exists() else []
     keep = [line for line in lines if _logged_step(line) <= run.start]
-    if run.heldout is not None and run.start == 0:
-        loss = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
+    if loss is not None:
         keep = [json.dumps({"step": 0, "heldout_loss": loss})]
     atomic_write_text(run.metrics_path, "".join(line + "\n" for line in keep))
 
@@ -407,6 +459,7 @@ def train_step(run: Run, step: int) -> StepNumbers:
         scale,
         lambda: hook_results(run.mitigations, "penalty", model, run.ctx),
         packed=run.packed,
+        filler=step_examples[0],
     )
     if run.packed and packing.CALLS["packed"] == 0:
         raise RunError(
@@ -416,7 +469,10 @@ def train_step(run: Run, step: int) -> StepNumbers:
     run.padded_tokens += padded
     run.real_tokens += real
     hook_results(run.mitigations, "penalty_grad", model, run.ctx)
-    grad_norm = accelerator.clip_grad_norm_(run.trainable, t.grad_clip or math.inf)
+    if is_sharded(model):  # the norm over all shards (a DTensor), as one process's norm would be
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(run.trainable, t.grad_clip or math.inf))
+    else:
+        grad_norm = accelerator.clip_grad_norm_(run.trainable, t.grad_clip or math.inf)
     step_loss = accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes
     loss, norm = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # the step's one host sync
     if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -497,7 +553,7 @@ def maybe_checkpoint(run: Run, step: int) -> None:
         run.job,
         run.output_dir,
         f"checkpoint-{done:06d}",
-        with_state=True,
+        state=(run.optimizer, run.scheduler),
         extra={"step": done},
     )
     if run.is_main:
@@ -526,9 +582,6 @@ def finish(run: Run) -> TrainResult:
         mitigation_reports=reports,
     )
     summary = {k: v for k, v in asdict(result).items() if k != "final_dir"}
-    extra_models = {}
-    for part in hook_results(run.mitigations, "export", accelerator.unwrap_model(model), run.ctx):
-        extra_models.update(part)
     ckpt.save_checkpoint(
         accelerator,
         model,
@@ -536,9 +589,9 @@ def finish(run: Run) -> TrainResult:
         run.job,
         run.output_dir,
         "final",
-        with_state=False,
+        state=None,
         extra=summary,
-        extra_models=extra_models,
+        extras=lambda staging: hook_results(run.mitigations, "export", staging, run.ctx),
     )
     if run.is_main:
         ckpt.prune_checkpoints(run.output_dir, run.job.train.keep_checkpoints)
@@ -546,11 +599,14 @@ def finish(run: Run) -> TrainResult:
 
 
 def _heldout_losses(run: Run) -> dict | None:
-    """The held-out loss before (metrics.jsonl's first line) and after training; on the main process only."""
-    if run.heldout is None or not run.is_main:
+    """The held-out loss before (metrics.jsonl's first line) and after training; on the main process only (a
+    sharded model's forward takes every process)."""
+    if run.heldout is None or not (run.is_main or is_sharded(run.model)):
+        return None
+    after = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
+    if not run.is_main:
         return None
     before = json.loads(run.metrics_path.read_text().splitlines()[0])["heldout_loss"]
-    after = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
     return {"before": before, "after": after, "examples": len(run.heldout), "split": run.job.data.eval_split}
 
 
@@ -573,7 +629,8 @@ def _logged_step(line: str) -> float:
 
 
 def heldout_loss(accelerator, model, examples: list[Example], tokenizer, t) -> float:
-    """Mean response loss on held-out examples (main process, unwrapped model, eval mode)."""
+    """Mean response loss on held-out examples (unwrapped model, eval mode): the main process, or every process
+    of a sharded model."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     with accelerator.autocast():

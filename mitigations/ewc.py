@@ -20,6 +20,12 @@ With LoRA the penalised weight of an adapted linear layer is its effective weigh
 base model's Fisher of W (estimated before training, while B = 0 makes the adapted model the base model), the
 penalty (strength / 2) sum F (scale * B @ A)^2, and its exact gradient reaches B and A through delta W. (The
 Fisher of the factors themselves would leave A unconstrained: at B = 0 its gradient is exactly 0.)
+On a sharded model (train.distributed=fsdp) F and theta* are kept as shards, as the parameters are: each
+process estimates the Fisher of its own shards, adds the gradient of its own shards and saves nothing until
+the file is written, gathered one tensor at a time. Per-example gradients of a sharded model come from a
+backward pass that every process runs on the same example (its reduce-scatter averages identical gradients),
+so the estimate costs as much as on one process. LoRA under fsdp is refused (its base weights are frozen
+shards).
 Every report records estimator, sample count and normalisation beside the strength: it means nothing without them.
 """
 
@@ -40,6 +46,7 @@ from harness.configlib import knob
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX
 from harness.loss import next_token_targets, summed_response_loss
+from harness.sharding import gather_like, global_stats, is_sharded, local, local_sum, shard_like
 from mitigations.general_data import GeneralData, general_examples
 from mitigations.registry import register_mitigation
 
@@ -120,8 +127,9 @@ def estimate_fisher(
     Of `params` (default: the trainable parameters); each must require grad.
     """
     params = params if params is not None else [p for _, p in trainable(model)]
-    fisher = [torch.zeros_like(p) for p in params]
-    device = params[0].device
+    fisher = [torch.zeros_like(local(p)) for p in params]
+    device = local(params[0]).device
+    sharded = is_sharded(model)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the deterministic model
@@ -130,12 +138,22 @@ def estimate_fisher(
         if estimator == "sampled":
             batch = sample_labels(model, batch, generator)
         targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        grads = torch.autograd.grad(summed_response_loss(model, batch) / max(1, targets), params, allow_unused=True)
+        loss = summed_response_loss(model, batch) / max(1, targets)
+        grads = _shard_grads(loss, params) if sharded else torch.autograd.grad(loss, params, allow_unused=True)
         for total, grad in zip(fisher, grads):
             if grad is not None:
                 total.addcmul_(grad, grad)
     model.train(was_training)
     return [f / len(examples) for f in fisher]
+
+
+def _shard_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """This process's shard of the gradient of `loss` (a sharded model's gradients arrive through backward)."""
+    loss.backward()
+    grads = [None if p.grad is None else local(p.grad) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
 
 
 @register_mitigation("ewc", EWCConfig)
@@ -173,16 +191,18 @@ class EWC:
     def prepare(self, model, ctx) -> None:
         c = self.config
         plain, layers = penalised(model)
+        if layers and is_sharded(model):
+            raise UserError("mitigations: ewc with lora is not supported with train.distributed=fsdp; use ddp")
         self.params, self.layers = [p for _, p in plain], [m for _, m in layers]
         self.names = [n for n, _ in plain] + [n for n, _ in layers]
         weights = [p for _, p in plain] + [m.base_layer.weight for _, m in layers]
-        # theta*: a copy of each trained parameter; a LoRA layer's base weight itself (frozen, so it stays W)
-        self.anchor = [p.detach().clone() for _, p in plain] + [m.base_layer.weight.detach() for _, m in layers]
+        # theta*: a copy of each trained parameter (shard); a LoRA layer's base weight itself (frozen: stays W)
+        self.anchor = [local(p).detach().clone() for _, p in plain] + [m.base_layer.weight.detach() for _, m in layers]
         loaded = self._load(c.fisher_path) if c.fisher_path else None
         if loaded is not None and c.online_decay is None:
             fisher, anchor = loaded
-            self.fisher = [fisher[n].to(w.device) for n, w in zip(self.names, weights)]
-            self.anchor = [anchor[n].to(w.device) for n, w in zip(self.names, weights)]
+            self.fisher = [shard_like(fisher[n], w) for n, w in zip(self.names, weights)]
+            self.anchor = [shard_like(anchor[n], w) for n, w in zip(self.names, weights)]
         else:
             examples, self.data_counts = general_examples(c.data, model, ctx, ctx.output_dir / "ewc_self.jsonl")
             self.used_samples = len(examples)
@@ -197,20 +217,24 @@ class EWC:
                 for w in frozen:
                     w.requires_grad_(False)
             if loaded is not None:
-                self.fisher = [c.online_decay * loaded[0][n].to(f.device) + f for n, f in zip(self.names, self.fisher)]
-        if ctx.accelerator.is_main_process:  # the raw F: a later online stage combines raw with raw
-            ctx.output_dir.mkdir(parents=True, exist_ok=True)
-            tensors = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.fisher)}
-            tensors |= {f"anchor.{n}": a.cpu().contiguous() for n, a in zip(self.names, self.anchor)}
-            save_file(
-                tensors,
-                str(ctx.output_dir / "ewc_fisher.safetensors"),
-                metadata={"config": json.dumps(asdict(c)), "samples": str(self.used_samples), "fisher": "raw"},
-            )
+                old = [shard_like(loaded[0][n], w) for n, w in zip(self.names, weights)]
+                self.fisher = [c.online_decay * o + f for o, f in zip(old, self.fisher)]
+        self._save(ctx, weights)  # the raw F: a later online stage combines raw with raw
         if c.normalize != "none":
-            flat = torch.cat([f.flatten() for f in self.fisher])
-            scale = (flat.mean() if c.normalize == "mean" else flat.max()).clamp_min(1e-30)
+            mean, largest = global_stats(self.fisher, model)
+            scale = torch.tensor(mean if c.normalize == "mean" else largest).clamp_min(1e-30)
             self.fisher = [f / scale for f in self.fisher]
+
+    def _save(self, ctx, weights: list[torch.Tensor]) -> None:
+        """F and theta* as `output_dir/ewc_fisher.safetensors`, whole tensors (gathered one at a time)."""
+        tensors = {}
+        for name, weight, fisher, anchor in zip(self.names, weights, self.fisher, self.anchor):
+            tensors[f"fisher.{name}"] = gather_like(fisher, weight).cpu().contiguous()
+            tensors[f"anchor.{name}"] = gather_like(anchor, weight).cpu().contiguous()
+        if ctx.accelerator.is_main_process:
+            ctx.output_dir.mkdir(parents=True, exist_ok=True)
+            metadata = {"config": json.dumps(asdict(self.config)), "samples": str(self.used_samples), "fisher": "raw"}
+            save_file(tensors, str(ctx.output_dir / "ewc_fisher.safetensors"), metadata=metadata)
 
     @staticmethod
     def _lora_diff(layer, anchor: torch.Tensor) -> torch.Tensor:
@@ -222,7 +246,7 @@ class EWC:
     def _value(self, model) -> torch.Tensor:
         """The penalty (strength / 2) * sum F (theta - theta*)^2 (for reports and tests; not formed per step)."""
         k = len(self.params)
-        terms = [(f * (p - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher)]
+        terms = [(f * (local(p) - a).pow(2)).sum() for p, a, f in zip(self.params, self.anchor, self.fisher)]
         terms += [
             (f * self._lora_diff(m, a).pow(2)).sum() for m, a, f in zip(self.layers, self.anchor[k:], self.fisher[k:])
         ]
@@ -239,9 +263,9 @@ class EWC:
         if len(self.weighted_anchor) != k:
             self.weighted_anchor = torch._foreach_mul(self.anchor[:k], self.fisher[:k])
         live = [i for i, p in enumerate(params) if p.grad is not None]
-        grads = [params[i].grad for i in live]
+        grads = [local(params[i].grad) for i in live]  # a shard's gradient, in place
         if live:
-            torch._foreach_addcmul_(grads, [self.fisher[i] for i in live], [params[i] for i in live], value=lam)
+            torch._foreach_addcmul_(grads, [self.fisher[i] for i in live], [local(params[i]) for i in live], value=lam)
             torch._foreach_add_(grads, [self.weighted_anchor[i] for i in live], alpha=-lam)
         for layer, anchor, fisher in zip(self.layers, self.anchor[k:], self.fisher[k:]):
             g = lam * fisher * self._lora_diff(layer, anchor)
@@ -252,9 +276,9 @@ class EWC:
                     factor.grad = grad if factor.grad is None else factor.grad.add_(grad)
 
     def report(self, model, ctx) -> dict:
-        flat = torch.cat([f.flatten() for f in self.fisher])
+        mean, largest = global_stats(self.fisher, model)
         with torch.no_grad():
-            final = float(self._value(model))
+            final = float(local_sum(self._value(model), model))
         return {
             "strength": self.config.strength,
             "estimator": self.config.estimator,
@@ -264,7 +288,7 @@ class EWC:
             "online_decay": self.config.online_decay,
             **self.data_counts,
             "lora_layers": len(self.layers),
-            "fisher_mean": float(flat.mean()),
-            "fisher_max": float(flat.max()),
+            "fisher_mean": mean,
+            "fisher_max": largest,
             "final_penalty": final,
         }

@@ -2,7 +2,10 @@
 
 Penalty each optimizer step: strength * mean over response positions of KL(p_base || p_current), on a
 cycling batch of general examples (`data`, mitigations/general_data.py: self-synthesized rehearsal by default).
-The base model is a frozen copy taken before training (twice the weight memory).
+The base model is a frozen copy taken before training (twice the weight memory). On a sharded model
+(train.distributed=fsdp) it is the base loaded again and sharded the same way, frozen: each process holds
+its shard of both, never a whole model (LoRA and freezing leave the starting model's function unchanged,
+so the loaded base is the model before training).
 
 Step k's batch is a function of k (pool items k*batch_size ...), so a resumed run sees the batches the
 uninterrupted run would have: `prepare` takes the step the loop resumes from, the newest complete checkpoint.
@@ -20,6 +23,8 @@ import torch.nn.functional as F
 from harness.batching import collate
 from harness.configlib import knob
 from harness.loss import next_token_targets
+from harness.models import load_model
+from harness.sharding import compute_dtype, is_sharded, shard_model
 from mitigations.general_data import GeneralData, general_examples, refuse_sft
 from mitigations.registry import register_mitigation
 
@@ -71,8 +76,17 @@ class KLToBase:
     def prepare(self, model, ctx) -> None:
         cache = ctx.output_dir / "kl_to_base_self.jsonl"  # its own: replay's file may hold another pool
         self.pool, self.counts = general_examples(self.config.data, model, ctx, cache)
-        self.base = copy.deepcopy(model).eval().requires_grad_(False)
+        self.base = self._frozen_base(model, ctx)
         self.step = ctx.start_step  # the loop calls penalty() once a step, from the step it resumes at
+
+    @staticmethod
+    def _frozen_base(model, ctx):
+        if not is_sharded(model):
+            return copy.deepcopy(model).eval().requires_grad_(False)
+        base = load_model(ctx.job.model, for_training=True, vocab_size=len(ctx.tokenizer))
+        base.config.use_cache = False
+        base.eval().requires_grad_(False)
+        return shard_model(base, ctx.accelerator.device, compute_dtype(ctx.accelerator))
 
     def _batch_at(self, step: int) -> list:
         """The general examples of optimizer step `step` (0-based): the pool read cyclically, batch after batch."""

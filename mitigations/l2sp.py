@@ -1,4 +1,8 @@
-"""l2sp: an L2 pull toward the starting weights, (strength / 2) * sum_i (theta_i - theta0_i)^2 (EWC with F = 1)."""
+"""l2sp: an L2 pull toward the starting weights, (strength / 2) * sum_i (theta_i - theta0_i)^2 (EWC with F = 1).
+
+On a sharded model each process holds the anchor of its own shards and adds the penalty of those: the sum
+over processes is the whole penalty, and each shard's gradient is exact (`harness.sharding`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.configlib import knob
+from harness.sharding import local, local_sum
 from mitigations.registry import register_mitigation
 
 
@@ -26,13 +31,14 @@ class L2SP:
         self.anchor: list[torch.Tensor] = []
 
     def prepare(self, model, ctx) -> None:
-        self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self.anchor = [local(p).detach().clone() for p in model.parameters() if p.requires_grad]
 
     def penalty(self, model, ctx) -> torch.Tensor:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [local(p) for p in model.parameters() if p.requires_grad]
         squared = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, self.anchor)]).sum()
         return 0.5 * self.config.strength * squared
 
     def report(self, model, ctx) -> dict:
         with torch.no_grad():
-            return {"strength": self.config.strength, "final_penalty": float(self.penalty(model, ctx))}
+            value = local_sum(self.penalty(model, ctx), model)
+        return {"strength": self.config.strength, "final_penalty": float(value)}
