@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,77 @@ def test_consolidated_final_loads_with_plain_transformers(sharded_runs):
     ids = torch.arange(3, 40).unsqueeze(0)
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from the parent ids in /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def bytes_held(tmp_path: Path, processes: int, *extra: str) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command += [f"--master_port={free_port()}", str(Path(__file__).with_name("shard_bytes.py"))]
+    command += [*BASE, f"output_dir={tmp_path / f'bytes{processes}'}", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, failure(result)
+    return [json.loads(line[len("BYTES ") :]) for line in result.stdout.splitlines() if line.startswith("BYTES ")]
+
+
+@pytest.mark.slow
+def test_each_sharded_process_holds_half_the_bytes(tmp_path):
+    """Parameters, gradients and AdamW state: each of 2 sharded processes holds half of what one process holds
+    (rows split in two; a tensor with an odd number of rows gives one process a row more)."""
+    (whole,) = bytes_held(tmp_path, 1, "train.distributed=ddp")
+    halves = bytes_held(tmp_path, 2, "train.distributed=fsdp")
+    assert len(halves) == 2
+    for kind in ("parameters", "gradients", "optimizer"):
+        assert sum(h[kind] for h in halves) == whole[kind], kind
+        for held in halves:
+            assert held[kind] == pytest.approx(whole[kind] / 2, rel=0.01), (kind, held)
+
+
+@pytest.mark.slow
+def test_killed_sharded_run_resumes_bitwise(tmp_path):
+    """SIGKILL both processes after the second checkpoint; the rerun resumes from the sharded state and ends with
+    the uninterrupted run's weights and step losses, bit for bit."""
+    job = [*BASE, "train.max_steps=5", "train.save_every=1", "train.distributed=fsdp", "mitigations=[{name: l2sp}]"]
+    reference = torchrun(tmp_path, [[*job, f"output_dir={tmp_path / 'reference'}"]])
+    assert reference.returncode == 0, failure(reference)
+    crashed = [[*job, f"output_dir={tmp_path / 'crashed'}"]]
+    jobs = tmp_path / "crashed.json"
+    jobs.write_text(json.dumps(crashed))
+    env = dict(os.environ, OMP_NUM_THREADS="1", FORGETTING_CACHE=str(fresh_cache(tmp_path / "cache-crashed")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    process = subprocess.Popen(
+        [*command, str(Path(__file__).with_name("train_jobs.py")), str(jobs)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "crashed" / "checkpoint-000002").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.05)
+    for pid in [*descendants(process.pid), process.pid]:  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "crashed" / "final").exists()
+    rerun = torchrun(tmp_path, crashed)
+    assert rerun.returncode == 0, failure(rerun)
+    assert "resuming from" in rerun.stdout
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "reference")
+    ours, theirs = weights(tmp_path / "crashed" / "final"), weights(tmp_path / "reference" / "final")
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
