@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from harness.config import EMBEDDED_MODEL, ModelConfig
 from harness.errors import RunError, UserError
@@ -176,6 +176,29 @@ def load_model(config: ModelConfig, for_training: bool = True, vocab_size: int |
         ) from None
     except ValueError as err:
         raise RunError(f"model {source!r}: {str(err).splitlines()[0]}") from None
+
+
+def empty_model(config: ModelConfig, vocab_size: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """The architecture `load_model` would load, on the meta device (no memory, no weights read): what the
+    processes other than the main one shard, the main one broadcasting the weights (`harness.sharding`)."""
+    with torch.device("meta"):
+        if config.name_or_path == TINY_MODEL:
+            model = tiny_model(vocab_size or len(load_tokenizer(config)), seed=seed)
+        else:
+            source, kwargs = resolve_source(config)
+            try:
+                model_config = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
+            except OSError as err:
+                raise UserError(
+                    f"model.name_or_path: cannot load a model config from {source!r}: {str(err).splitlines()[0]}"
+                ) from None
+            extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+            return AutoModelForCausalLM.from_config(
+                model_config, dtype=pick_dtype(config, True), trust_remote_code=config.trust_remote_code, **extra
+            )
+    if config.attn_implementation:
+        model.set_attn_implementation(config.attn_implementation)
+    return model
 
 
 def weights_fingerprint(model: torch.nn.Module, exclude: str | None = None) -> str:

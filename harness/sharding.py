@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -104,13 +104,28 @@ def compute_dtype(accelerator) -> torch.dtype | None:
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None) -> torch.nn.Module:
-    """Move `model` to `device` and shard it in place: each decoder layer, then the root (`fully_shard`)."""
-    model.to(device)
+    """Shard `model` in place over the processes: each decoder layer, then the root (`fully_shard`).
+
+    The main process passes the loaded model (on the CPU), the others the same architecture on the meta device
+    (`harness.models.empty_model`): no process but the main one ever holds the whole model, and it only in CPU
+    memory. Each layer moves to `device` as it is sharded; the main process's weights, then the buffers (rotary
+    tables and the like, which no state dict holds), are broadcast into every process's shards.
+    """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     kwargs = {"mp_policy": policy} if policy else {}
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta == (dist.get_rank() == 0):
+        raise ValueError("shard_model: the main process passes the loaded model, the others an empty one (meta)")
+    whole = {} if on_meta else dict(model.state_dict())  # the main process's CPU tensors, kept for the broadcast
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if on_meta:
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model
 
 

@@ -50,7 +50,7 @@ from harness.formats import Example, attach_format
 from harness.io import atomic_write_text, atomic_write_yaml, claim_run_dir
 from harness.job import TrainJob, comparable, upgrade_job
 from harness.loss import mean_response_loss, summed_response_loss
-from harness.models import load_model, load_tokenizer
+from harness.models import empty_model, load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
 from harness.precision import resolve_precision
 from harness.sharding import compute_dtype, full, is_sharded, shard_model
@@ -302,7 +302,11 @@ def setup(job: TrainJob, accelerator) -> Run:
     tokenizer = load_tokenizer(job.model)
     attach_format(tokenizer, job.data.format)
     examples, data_stats, heldout = load_data(job, tokenizer, accelerator)
-    model = load_model(job.model, for_training=True, vocab_size=len(tokenizer))  # the same base whatever the seed
+    sharded = sharding_on(job, accelerator)
+    if sharded and not accelerator.is_main_process:  # the main process loads and broadcasts (harness.sharding)
+        model = empty_model(job.model, vocab_size=len(tokenizer))
+    else:
+        model = load_model(job.model, for_training=True, vocab_size=len(tokenizer))  # the same base for every seed
     model.config.use_cache = False
     if job.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -317,7 +321,7 @@ def setup(job: TrainJob, accelerator) -> Run:
         start_step=checkpoints[-1][0] if checkpoints else 0,
     )
     model = chain(mitigations, "wrap_model", model, ctx)
-    if sharding_on(job, accelerator):
+    if sharded:
         shard_model(model, accelerator.device, compute_dtype(accelerator))
     else:
         model.to(accelerator.device)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from harness.batching import collate
 from harness.configlib import knob
 from harness.loss import next_token_targets
-from harness.models import load_model
+from harness.models import empty_model, load_model
 from harness.sharding import compute_dtype, is_sharded, shard_model
 from mitigations.general_data import GeneralData, general_examples, refuse_sft
 from mitigations.registry import register_mitigation
@@ -83,7 +83,8 @@ class KLToBase:
     def _frozen_base(model, ctx):
         if not is_sharded(model):
             return copy.deepcopy(model).eval().requires_grad_(False)
-        base = load_model(ctx.job.model, for_training=True, vocab_size=len(ctx.tokenizer))
+        load = load_model if ctx.accelerator.is_main_process else empty_model  # the main process broadcasts
+        base = load(ctx.job.model, vocab_size=len(ctx.tokenizer))
         base.config.use_cache = False
         base.eval().requires_grad_(False)
         return shard_model(base, ctx.accelerator.device, compute_dtype(ctx.accelerator))

@@ -19,8 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness.config import ModelConfig
 from harness.io import cache_root
 from harness.job import load_job
+from harness.models import empty_model, load_model
 from harness.train import train
 
 REPLAY = "Plain text about rivers and mountains.\n\nA second paragraph about the sea and ships.\n"
@@ -228,3 +230,14 @@ def test_killed_sharded_run_resumes_bitwise(tmp_path):
     assert losses(tmp_path / "crashed") == losses(tmp_path / "reference")
     ours, theirs = weights(tmp_path / "crashed" / "final"), weights(tmp_path / "reference" / "final")
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+@pytest.mark.parametrize("name", ["tiny-random", "embedded:smollm2-135m-instruct"])
+def test_empty_model_is_the_loaded_architecture_without_weights(name, tokenizer):
+    """What the processes other than the main one shard: the same names, shapes and dtypes, on the meta device."""
+    config = ModelConfig(name_or_path=name)
+    empty, loaded = empty_model(config, vocab_size=len(tokenizer)), load_model(config, vocab_size=len(tokenizer))
+    assert all(p.is_meta for p in empty.parameters())
+    shapes = {n: (p.shape, p.dtype) for n, p in empty.named_parameters()}
+    assert shapes == {n: (p.shape, p.dtype) for n, p in loaded.named_parameters()}
+    assert empty.lm_head.weight is empty.get_input_embeddings().weight  # tied as loaded
