@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from evals.runner import EvalSettings, evaluate, load_for_eval, metric_entries
 from harness.config import ModelConfig
 from harness.io import cache_root
 from harness.job import load_job
@@ -111,6 +112,8 @@ def sharded_runs(tmp_path_factory, tokenizer):  # the tokenizer fixture converts
     jobs = [overrides(tmp_path, case, "fsdp", "train.distributed=fsdp") for case in CASES]
     result = torchrun(tmp_path, jobs)
     assert result.returncode == 0, failure(result)
+    ddp = torchrun(tmp_path, [overrides(tmp_path, "naive", "ddp", "train.distributed=ddp")])
+    assert ddp.returncode == 0, failure(ddp)
     reference_cache = fresh_cache(tmp_path / "cache-one")
     os.environ["FORGETTING_CACHE"], saved = str(reference_cache), os.environ.get("FORGETTING_CACHE")
     try:
@@ -144,6 +147,19 @@ def test_two_sharded_processes_match_one_process(sharded_runs, case):
         for key, value in report.items():
             expected = pytest.approx(value, rel=1e-3, abs=1e-7) if isinstance(value, float) else value
             assert summary["mitigation_reports"][name][key] == expected, (name, key)
+
+
+@pytest.mark.slow
+def test_consolidated_final_scores_as_the_ddp_run(sharded_runs):
+    tmp_path, _ = sharded_runs
+    settings = EvalSettings(tasks=["forgetting_knowledge", "forgetting_target", "forgetting_prose"], limit=3)
+    scores = {}
+    for mode in ("fsdp", "ddp"):
+        model, tokenizer = load_for_eval(str(tmp_path / mode / "naive" / "final"))
+        results = evaluate(model, tokenizer, settings)["results"]
+        scores[mode] = {(task, metric): value for task in results for metric, value, _ in metric_entries(results[task])}
+    assert len(scores["ddp"]) >= 5
+    assert scores["fsdp"] == pytest.approx(scores["ddp"], rel=1e-4)
 
 
 @pytest.mark.slow
