@@ -257,3 +257,25 @@ def test_empty_model_is_the_loaded_architecture_without_weights(name, tokenizer)
     shapes = {n: (p.shape, p.dtype) for n, p in empty.named_parameters()}
     assert shapes == {n: (p.shape, p.dtype) for n, p in loaded.named_parameters()}
     assert empty.lm_head.weight is empty.get_input_embeddings().weight  # tied as loaded
+
+
+@pytest.mark.slow
+def test_sharded_model_generates_the_unsharded_answers():
+    """Self-rehearsal under fsdp: every process generates in step (each token is a collective forward) and gets
+    the unsharded model's greedy answers."""
+    from tests.sharded_generate import answers
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    result = subprocess.run(
+        [*command, str(Path(__file__).with_name("sharded_generate.py"))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, failure(result)
+    printed = [json.loads(line[len("ANSWERS ") :]) for line in result.stdout.splitlines() if line.startswith("ANSWERS")]
+    expected = [list(pair) for pair in answers(sharded=False)]
+    assert len(printed) == 2 and all(p == expected for p in printed)
+    assert all(text for text, _ in expected)  # words, not empty answers
