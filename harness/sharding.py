@@ -54,11 +54,12 @@ def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def gather_like(part: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The whole tensor whose shard `part` is, sharded as `param` (every process calls), or `part` itself."""
-    if not isinstance(param, DTensor):
-        return part
-    return DTensor.from_local(
-        part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
-    ).full_tensor()
+    return _as_sharded(part, param).full_tensor() if isinstance(param, DTensor) else part
+
+
+def _as_sharded(part: torch.Tensor, param: DTensor) -> DTensor:
+    """The DTensor whose local part on this process is `part`, sharded as `param`."""
+    return DTensor.from_local(part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
 
 
 def global_stats(parts: list[torch.Tensor], model: torch.nn.Module) -> tuple[float, float]:
@@ -74,6 +75,14 @@ def global_stats(parts: list[torch.Tensor], model: torch.nn.Module) -> tuple[flo
     dist.all_reduce(total)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     return float(total[0] / total[1]), float(largest)
+
+
+def add_to_grad(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param.grad += value, where `value` is this process's part of the gradient (the whole of it unsharded)."""
+    if param.grad is None:
+        param.grad = _as_sharded(value, param) if isinstance(param, DTensor) else value
+    else:
+        local(param.grad).add_(value)
 
 
 def local_sum(value: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:

@@ -24,14 +24,17 @@ On a sharded model (train.distributed=fsdp) F and theta* are kept as shards, as 
 process estimates the Fisher of its own shards, adds the gradient of its own shards and saves nothing until
 the file is written, gathered one tensor at a time. Per-example gradients of a sharded model come from a
 backward pass that every process runs on the same example (its reduce-scatter averages identical gradients),
-so the estimate costs as much as on one process. LoRA under fsdp is refused (its base weights are frozen
-shards).
+so the estimate costs as much as on one process. With LoRA the base weights are frozen shards: their Fisher
+is estimated on the base model loaded a second time, sharded, with gradients for those weights only (at B = 0
+it is the adapted model), then freed; the penalty's gradient is formed from each process's rows of W, B and
+F with A gathered (r x in: small), dA summed over the processes.
 Every report records estimator, sample count and normalisation beside the strength: it means nothing without them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -46,7 +49,19 @@ from harness.configlib import knob
 from harness.errors import UserError
 from harness.formats import IGNORE_INDEX
 from harness.loss import next_token_targets, summed_response_loss
-from harness.sharding import gather_like, global_stats, is_sharded, local, local_sum, shard_like
+from harness.models import empty_model, load_model
+from harness.sharding import (
+    add_to_grad,
+    compute_dtype,
+    full,
+    gather_like,
+    global_stats,
+    is_sharded,
+    local,
+    local_sum,
+    shard_like,
+    shard_model,
+)
 from mitigations.general_data import GeneralData, general_examples
 from mitigations.registry import register_mitigation
 
@@ -86,9 +101,18 @@ def lora_factors(layer) -> list[torch.nn.Parameter]:
 
 
 def lora_delta(layer) -> torch.Tensor:
-    """scale * B @ A summed over the active adapters, in the layout of the base weight."""
-    delta = sum(layer.scaling[a] * (layer.lora_B[a].weight @ layer.lora_A[a].weight) for a in layer.active_adapters)
+    """scale * B @ A summed over the active adapters, in the layout of the base weight: of a sharded layer, this
+    process's rows of it (its rows of B times the whole A, gathered)."""
+    delta = sum(
+        layer.scaling[a] * (local(layer.lora_B[a].weight) @ full(layer.lora_A[a].weight)) for a in layer.active_adapters
+    )
     return delta.T if layer.fan_in_fan_out else delta
+
+
+def base_name(name: str) -> str:
+    """The base model's name of a penalised weight of a PEFT model (its base layer, or a module saved in full)."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
 
 
 def penalised(model) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Module]]]:
@@ -191,13 +215,14 @@ class EWC:
     def prepare(self, model, ctx) -> None:
         c = self.config
         plain, layers = penalised(model)
-        if layers and is_sharded(model):
-            raise UserError("mitigations: ewc with lora is not supported with train.distributed=fsdp; use ddp")
+        if is_sharded(model) and any(m.fan_in_fan_out for _, m in layers):
+            raise UserError("mitigations: ewc with fan-in-fan-out LoRA layers (GPT-2 Conv1D) is not supported sharded")
         self.params, self.layers = [p for _, p in plain], [m for _, m in layers]
         self.names = [n for n, _ in plain] + [n for n, _ in layers]
         weights = [p for _, p in plain] + [m.base_layer.weight for _, m in layers]
         # theta*: a copy of each trained parameter (shard); a LoRA layer's base weight itself (frozen: stays W)
-        self.anchor = [local(p).detach().clone() for _, p in plain] + [m.base_layer.weight.detach() for _, m in layers]
+        self.anchor = [local(p).detach().clone() for _, p in plain]
+        self.anchor += [local(m.base_layer.weight).detach() for _, m in layers]
         loaded = self._load(c.fisher_path) if c.fisher_path else None
         if loaded is not None and c.online_decay is None:
             fisher, anchor = loaded
@@ -206,16 +231,7 @@ class EWC:
         else:
             examples, self.data_counts = general_examples(c.data, model, ctx, ctx.output_dir / "ewc_self.jsonl")
             self.used_samples = len(examples)
-            frozen = [m.base_layer.weight for _, m in layers]
-            for w in frozen:  # the gradient w.r.t. the base weight, taken while B = 0: the base model's
-                w.requires_grad_(True)
-            try:
-                self.fisher = estimate_fisher(
-                    model, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed, params=weights
-                )
-            finally:
-                for w in frozen:
-                    w.requires_grad_(False)
+            self.fisher = self._estimate(model, ctx, examples, weights, [m for _, m in layers])
             if loaded is not None:
                 old = [shard_like(loaded[0][n], w) for n, w in zip(self.names, weights)]
                 self.fisher = [c.online_decay * o + f for o, f in zip(old, self.fisher)]
@@ -224,6 +240,39 @@ class EWC:
             mean, largest = global_stats(self.fisher, model)
             scale = torch.tensor(mean if c.normalize == "mean" else largest).clamp_min(1e-30)
             self.fisher = [f / scale for f in self.fisher]
+
+    def _estimate(self, model, ctx, examples: list, weights: list, layers: list) -> list[torch.Tensor]:
+        """F of `weights`. A LoRA layer's base weight takes a gradient only while this runs (at B = 0 the adapted
+        model is the base model); a sharded model's frozen shards take none, so there the base is loaded again."""
+        c = self.config
+        if layers and is_sharded(model):
+            return self._base_fisher(ctx, examples)
+        frozen = [m.base_layer.weight for m in layers]
+        for w in frozen:
+            w.requires_grad_(True)
+        try:
+            return estimate_fisher(model, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed, params=weights)
+        finally:
+            for w in frozen:
+                w.requires_grad_(False)
+
+    def _base_fisher(self, ctx, examples: list) -> list[torch.Tensor]:
+        """F of the penalised weights, estimated on the base model sharded the same way (then freed)."""
+        load = load_model if ctx.accelerator.is_main_process else empty_model  # the main process broadcasts
+        base = load(ctx.job.model, vocab_size=len(ctx.tokenizer))
+        base.config.use_cache = False
+        wanted = {base_name(n) for n in self.names}
+        base.requires_grad_(False)
+        for name, param in base.named_parameters(remove_duplicate=False):
+            if name in wanted:
+                param.requires_grad_(True)
+        shard_model(base, ctx.accelerator.device, compute_dtype(ctx.accelerator))
+        params = dict(base.named_parameters(remove_duplicate=False))
+        if wanted - set(params):
+            raise UserError(f"mitigations: ewc cannot find {sorted(wanted - set(params))[0]} in the base model")
+        c = self.config
+        order = [params[base_name(n)] for n in self.names]
+        return estimate_fisher(base, examples, ctx.tokenizer.pad_token_id, c.estimator, c.seed, params=order)
 
     def _save(self, ctx, weights: list[torch.Tensor]) -> None:
         """F and theta* as `output_dir/ewc_fisher.safetensors`, whole tensors (gathered one at a time)."""
@@ -239,7 +288,7 @@ class EWC:
     @staticmethod
     def _lora_diff(layer, anchor: torch.Tensor) -> torch.Tensor:
         """Effective weight minus theta*: scale * B @ A, plus W - theta* where theta* is not W itself (loaded)."""
-        weight = layer.base_layer.weight
+        weight = local(layer.base_layer.weight)
         delta = lora_delta(layer)
         return delta if anchor.data_ptr() == weight.data_ptr() else delta + (weight - anchor)
 
@@ -257,7 +306,8 @@ class EWC:
         """grad += the penalty's exact gradient.
 
         Plain parameters: strength * (F * theta - F * theta*), two fused passes. LoRA layers: with
-        G = strength * F * delta W (in B @ A's layout), dB = scale * G @ A^T and dA = scale * B^T @ G.
+        G = strength * F * delta W (in B @ A's layout), dB = scale * G @ A^T and dA = scale * B^T @ G (sharded:
+        each process's rows of G and B, dA summed over the processes, each keeping its rows of it).
         """
         params, k, lam = self.params, len(self.params), self.config.strength
         if len(self.weighted_anchor) != k:
@@ -272,8 +322,8 @@ class EWC:
             g = g.T if layer.fan_in_fan_out else g
             for a in layer.active_adapters:
                 A, B, scale = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
-                for factor, grad in ((B, scale * (g @ A.T)), (A, scale * (B.T @ g))):
-                    factor.grad = grad if factor.grad is None else factor.grad.add_(grad)
+                add_to_grad(B, scale * (g @ full(A).T))
+                add_to_grad(A, shard_like(local_sum(scale * (local(B).T @ g), model), A))
 
     def report(self, model, ctx) -> dict:
         mean, largest = global_stats(self.fisher, model)

@@ -1,10 +1,12 @@
-"""Run one optimizer step of a job under torchrun and print, as JSON, the bytes this process holds in parameters,
-gradients and optimizer state (local shards of a sharded model): `torchrun ... tests/shard_bytes.py KEY=VALUE...`."""
+"""Run one optimizer step of a job under torchrun and write, as JSON, the bytes each process holds in parameters,
+gradients and optimizer state (local shards of a sharded model) to output_dir/bytes-<rank>.json:
+`torchrun ... tests/shard_bytes.py KEY=VALUE...`."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,7 +34,8 @@ def main(overrides: list[str]) -> None:
     train_step(run, 0)  # creates AdamW's state; the step clears the gradients, so one more backward makes them
     batch = {k: v.to(accelerator.device) for k, v in collate(run.examples[:2], run.tokenizer.pad_token_id).items()}
     summed_response_loss(run.model, batch).backward()
-    print("BYTES " + json.dumps({"rank": accelerator.process_index, **held_bytes(run)}), flush=True)
+    path = Path(job.output_dir) / f"bytes-{accelerator.process_index}.json"
+    path.write_text(json.dumps({"rank": accelerator.process_index, **held_bytes(run)}))
 
 
 if __name__ == "__main__":

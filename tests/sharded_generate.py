@@ -1,11 +1,13 @@
-"""Under torchrun: greedy answers of a sharded tiny model (untied head, so that they are words), as JSON lines.
+"""Under torchrun: greedy answers of a sharded tiny model (untied head, so that they are words).
 
-`torchrun ... tests/sharded_generate.py` prints `ANSWERS [...]` from every process; the test compares them with
-the unsharded model's answers."""
+`torchrun ... tests/sharded_generate.py DIR` writes each process's answers to DIR/answers-<rank>.json; the test
+compares them with the unsharded model's answers."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,5 +31,5 @@ def answers(sharded: bool) -> list:
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
-    print("ANSWERS " + json.dumps(answers(sharded=True)), flush=True)
+    Path(sys.argv[1], f"answers-{dist.get_rank()}.json").write_text(json.dumps(answers(sharded=True)))
     dist.destroy_process_group()

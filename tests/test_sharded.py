@@ -46,9 +46,12 @@ CASES = {
     "low_lr": "[{name: low_lr, lr: 1e-4}]",
     "ewc_empirical": "[{name: ewc, strength: 100.0, data: {source: sft, size: 4}}]",
     "ewc_sampled": "[{name: ewc, strength: 1.0, estimator: sampled, normalize: max, data: {source: REPLAY}}]",
+    "ewc_online": "[{name: ewc, strength: 100.0, fisher_path: PRIOR, online_decay: 0.5, data: {source: sft, size: 2}}]",
     "l2sp": "[{name: l2sp, strength: 1.0}]",
     "kl_to_base": "[{name: kl_to_base, strength: 1.0, data: {source: REPLAY, size: 2}, batch_size: 2}]",
     "lora": "[{name: lora, r: 4, dropout: 0.0, target_modules: [q_proj, v_proj, down_proj]}]",
+    "ewc_lora": "[{name: lora, r: 3, dropout: 0.0, target_modules: [q_proj, down_proj]}, "
+    "{name: ewc, strength: 1000.0, data: {source: sft, size: 3}}]",
     "freeze": "[{name: freeze, layers: [0, 0], embeddings: true}]",
     "replay": "[{name: replay, ratio: 0.3, data: {source: REPLAY}}]",
 }
@@ -62,6 +65,7 @@ def free_port() -> int:
 
 def overrides(tmp_path: Path, case: str, where: str, *extra: str) -> list[str]:
     spec = CASES[case].replace("REPLAY", str(tmp_path / "replay.txt"))
+    spec = spec.replace("PRIOR", str(tmp_path / "prior" / "ewc_empirical" / "ewc_fisher.safetensors"))
     return [*BASE, f"mitigations={spec}", f"output_dir={tmp_path / where / case}", *extra]
 
 
@@ -109,6 +113,7 @@ def sharded_runs(tmp_path_factory, tokenizer):  # the tokenizer fixture converts
     empty cache of self-rehearsal answers."""
     tmp_path = tmp_path_factory.mktemp("sharded")
     (tmp_path / "replay.txt").write_text(REPLAY)
+    train(load_job(None, overrides(tmp_path, "ewc_empirical", "prior", "train.seed=1")))  # a Fisher to reuse
     jobs = [overrides(tmp_path, case, "fsdp", "train.distributed=fsdp") for case in CASES]
     result = torchrun(tmp_path, jobs)
     assert result.returncode == 0, failure(result)
@@ -195,10 +200,11 @@ def bytes_held(tmp_path: Path, processes: int, *extra: str) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
     command += [f"--master_port={free_port()}", str(Path(__file__).with_name("shard_bytes.py"))]
-    command += [*BASE, f"output_dir={tmp_path / f'bytes{processes}'}", *extra]
+    output = tmp_path / f"bytes{processes}"
+    command += [*BASE, f"output_dir={output}", *extra]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, failure(result)
-    return [json.loads(line[len("BYTES ") :]) for line in result.stdout.splitlines() if line.startswith("BYTES ")]
+    return [json.loads(path.read_text()) for path in sorted(output.glob("bytes-*.json"))]
 
 
 @pytest.mark.slow
@@ -260,7 +266,7 @@ def test_empty_model_is_the_loaded_architecture_without_weights(name, tokenizer)
 
 
 @pytest.mark.slow
-def test_sharded_model_generates_the_unsharded_answers():
+def test_sharded_model_generates_the_unsharded_answers(tmp_path):
     """Self-rehearsal under fsdp: every process generates in step (each token is a collective forward) and gets
     the unsharded model's greedy answers."""
     from tests.sharded_generate import answers
@@ -268,14 +274,14 @@ def test_sharded_model_generates_the_unsharded_answers():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     result = subprocess.run(
-        [*command, str(Path(__file__).with_name("sharded_generate.py"))],
+        [*command, str(Path(__file__).with_name("sharded_generate.py")), str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert result.returncode == 0, failure(result)
-    printed = [json.loads(line[len("ANSWERS ") :]) for line in result.stdout.splitlines() if line.startswith("ANSWERS")]
+    printed = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("answers-*.json"))]
     expected = [list(pair) for pair in answers(sharded=False)]
     assert len(printed) == 2 and all(p == expected for p in printed)
     assert all(text for text, _ in expected)  # words, not empty answers
