@@ -3,6 +3,7 @@
     forgetting train CONFIG.yaml [key=value ...]   fine-tune (resumes if output_dir holds an unfinished run)
     forgetting config [CONFIG.yaml] [key=value ...] print the resolved config (validates it); --reference: all knobs
     forgetting data CONFIG.yaml [key=value ...]    data statistics and the first example with its loss mask
+    forgetting plan CONFIG.yaml [--processes N] [key=value ...]   per-process memory under ddp and fsdp; what fits
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
     forgetting run EXPERIMENT.yaml [key=value ...] [--quick]   base eval, strategies x seeds, reports (resumes)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     config = add("config", "print the resolved config, or every knob with --reference", False)
     config.add_argument("--reference", action="store_true", help="print every config key with its default and meaning")
     add("data", "show data statistics and the loss mask of the first example")
+    plan = add(
+        "plan",
+        "estimate a training job's memory per process under ddp and fsdp (no weights loaded) and what fits",
+    )
+    plan.add_argument("--processes", type=int, default=1, help="processes the job will run on (default 1)")
     run = add(
         "run",
         "run an experiment: evaluate the base, train and evaluate every strategy x seed, "

@@ -9,6 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
 import yaml
 from transformers.utils import logging as hf_logging
 
@@ -22,6 +23,8 @@ from harness.io import atomic_write_text, cache_root
 from harness.job import TrainJob, load_job
 from harness.models import load_tokenizer
 from harness.pipeline import run_experiment
+from harness.plan import available_memory, estimate, render
+from harness.precision import compute_device_type
 from harness.train import train
 from mitigations import registered
 from reports import gate
@@ -111,6 +114,21 @@ def cmd_data(args) -> int:
         for t, label in zip(first.input_ids, first.labels)
     )
     print("first example ([bracketed] tokens are learned, the rest is masked):\n" + shown)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """The memory table of a training job on `--processes` processes of this machine's device."""
+    job = _job(args)
+    if args.processes < 1:
+        raise UserError(f"--processes: must be at least 1, got {args.processes}")
+    tokenizer = load_tokenizer(job.model)
+    attach_format(tokenizer, job.data.format)
+    examples, _ = tokenize_all(load_conversations(job.data), tokenizer, job.data)
+    device_type = compute_device_type()
+    plan = estimate(job, args.processes, examples, device_type)
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else device_type
+    print(render(plan, *available_memory(device, args.processes)))
     return 0
 
 
