@@ -13,7 +13,7 @@
             maybe_checkpoint(run, step)
     finish(run) -> TrainResult          mitigations' reports, held-out loss after, final checkpoint + summary
 
-Runs on `accelerate`: `torchrun` / `accelerate launch` give DDP with the same global batch (each
+Runs on `accelerate`: `torchrun` / `accelerate launch` / `srun` give DDP with the same global batch (each
 process takes a share of every step; the loss is normalised by the step's global token count, so the
 gradient equals the one-process gradient), or with `train.distributed: fsdp` the model sharded across the
 processes by FSDP2 (`harness.sharding`), the same global batch and normalisation. Mitigations plug in
@@ -53,6 +53,7 @@ from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import empty_model, load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
 from harness.precision import resolve_precision
+from harness.processes import adopt_slurm_tasks
 from harness.sharding import compute_dtype, full, is_sharded, shard_model
 from mitigations import build_mitigations, chain, hook_results
 
@@ -83,6 +84,7 @@ class TrainResult:
 
 def make_accelerator(job: TrainJob):
     refuse_other_engines()
+    adopt_slurm_tasks()  # srun's processes: the variables torchrun would have set
     precision, why = resolve_precision(job.train.precision)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
     has_accelerator = (

@@ -24,6 +24,7 @@ from harness.config import ModelConfig
 from harness.io import cache_root
 from harness.job import load_job
 from harness.models import empty_model, load_model
+from harness.processes import adopt_slurm_tasks
 from harness.train import train
 
 REPLAY = "Plain text about rivers and mountains.\n\nA second paragraph about the sea and ships.\n"
@@ -285,3 +286,45 @@ def test_sharded_model_generates_the_unsharded_answers(tmp_path):
     expected = [list(pair) for pair in answers(sharded=False)]
     assert len(printed) == 2 and all(p == expected for p in printed)
     assert all(text for text, _ in expected)  # words, not empty answers
+
+
+def test_srun_task_variables_become_the_process_group_variables():
+    step = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
+    env = dict(step, SLURM_JOB_ID="4242")
+    assert adopt_slurm_tasks(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "24242",
+    }
+    assert not adopt_slurm_tasks(dict(step, RANK="0"))  # torchrun inside the allocation set them already
+    assert not adopt_slurm_tasks(dict(step, SLURM_STEP_NUM_TASKS="1"))  # one task: no process group
+
+
+@pytest.mark.slow
+def test_processes_started_as_srun_starts_them_train_sharded(sharded_runs, tmp_path):
+    """Two processes with only the variables srun gives its tasks (no torchrun) form the process group and train
+    what torchrun's two processes trained."""
+    runs, _ = sharded_runs
+    job = overrides(runs, "naive", "srun", "train.distributed=fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1")
+    env["SLURM_JOB_ID"] = str(free_port())  # the port is derived from the job id
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "harness", "train", *job],
+            env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-3000:]
+    assert sum(out.count("trained 3 steps") for out, _ in outputs) == 1  # one process group, one report
+    assert losses(runs / "srun" / "naive") == losses(runs / "fsdp" / "naive")
+    assert_same_tensors(weights(runs / "srun" / "naive" / "final"), weights(runs / "fsdp" / "naive" / "final"), "srun")
