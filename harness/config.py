@@ -125,6 +125,9 @@ class TrainConfig:
     save_dtype: Literal["float32", "bfloat16"] = knob(
         "float32", "dtype of the weights in final/ (the trained master weights are fp32; bfloat16 halves the files)"
     )
+    memory_check: bool = knob(
+        True, "refuse a run before any work when `forgetting plan` estimates more memory than a process has"
+    )
     log_every: int = knob(1, "write a metrics line every N steps")
     tensorboard: bool = knob(False, "also log metrics to output_dir/tensorboard (needs the tensorboard package)")
     save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")

@@ -50,7 +50,11 @@ def enable(model) -> Callable[[], None]:
     layer = last_decoder_layer(model)
     base = transformers_model(model)
     compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in (model, base))  # nn.Module.compile
-    if layer is None or getattr(base, "is_gradient_checkpointing", False) or compiled:
+    # transformers 5.24 renamed is_gradient_checkpointing (the old name warns); older versions have only that
+    checkpointing = getattr(base, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if layer is None or checkpointing or compiled:
         return lambda: None
     kept = {"mask": None}  # the current call's logits_to_keep mask, set only while the model runs
 

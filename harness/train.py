@@ -52,6 +52,7 @@ from harness.job import TrainJob, comparable, upgrade_job
 from harness.loss import mean_response_loss, summed_response_loss
 from harness.models import empty_model, load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
+from harness.plan import check_fits
 from harness.precision import resolve_precision
 from harness.processes import adopt_slurm_tasks
 from harness.sharding import compute_dtype, full, is_sharded, shard_model
@@ -368,6 +369,8 @@ def load_data(job: TrainJob, tokenizer, accelerator) -> tuple[list[Example], Dat
     examples, data_stats = tokenize_all(load_conversations(job.data), tokenizer, job.data)
     heldout_config = job.data.heldout()
     heldout = tokenize_all(load_conversations(heldout_config), tokenizer, heldout_config)[0] if heldout_config else None
+    if job.train.memory_check:  # before anything is written or loaded: a run that cannot fit stops here
+        check_fits(job, accelerator.num_processes, accelerator.device, examples=examples)
     accelerator.wait_for_everyone()  # every process has checked output_dir before it is written
     output_dir = Path(job.output_dir)
     if accelerator.is_main_process and not (output_dir / ckpt.CONFIG_NAME).is_file():

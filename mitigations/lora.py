@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -121,7 +122,11 @@ class Lora:
             modules_to_save=list(self.config.modules_to_save) or None,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # peft asks transformers 5.24 for the old name, which warns on every run
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return get_peft_model(model, peft_config)
 
     def export(self, directory: Path, ctx) -> None:
         """Write directory/merged from the base's weight files and the adapter saved in `directory` (main process)."""

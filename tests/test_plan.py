@@ -24,6 +24,7 @@ from harness.plan import Plan, activation_bytes, check_fits, compute_settings, e
 from mitigations import build_mitigations
 from mitigations.lora import ALL_LINEAR
 from tests.helpers import tiny_job, write
+from tests.test_cli import run_cli
 
 
 def rows(plan: Plan) -> dict[str, tuple[int, int]]:
@@ -209,3 +210,30 @@ def test_plan_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, 
     assert main(["plan", str(config), "model.name_or_path=tiny-random", *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, tokenizer):
+    """A 70B-shaped model (config and tokenizer only: no weights exist, none are read) on this machine: training
+    stops with one line naming a knob, writes nothing, and `train.memory_check=false` lets it go past the check."""
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "llama-70b-shaped"
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    output = tmp_path / "run"
+    args = ["train", f"model.name_or_path={model_dir}", "data.limit=8", f"output_dir={output}"]
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("error: memory: ") and "needs ~" in message[0], message
+    assert "train.distributed=fsdp" in message[0] or "lora" in message[0]
+    assert not output.exists()
+    unchecked = run_cli(*args, "train.memory_check=false")  # past the check: loading finds no weights
+    assert unchecked.returncode != 0 and "memory:" not in unchecked.stderr
