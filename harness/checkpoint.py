@@ -14,6 +14,7 @@ half-written checkpoint standing as a real one.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -53,15 +54,11 @@ def export_model(accelerator, model, tokenizer, job, target: Path) -> None:
         return
     dtype = getattr(torch, job.train.save_dtype)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    config = getattr(unwrapped, "config", None)
-    saved_dtype = getattr(config, "dtype", None)
-    if config is not None:
-        config.dtype = dtype  # config.json says what the files hold
-    try:
-        unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
-    finally:
-        if config is not None:
-            config.dtype = saved_dtype
+    unwrapped.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+    config_file = target / "config.json"  # a PEFT adapter directory has none
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    if config is not None and config.get("dtype") != job.train.save_dtype:  # save_pretrained wrote the fp32 of training
+        atomic_write_json(config_file, dict(config, dtype=job.train.save_dtype))
     tokenizer.save_pretrained(target)
     atomic_write_yaml(target / CONFIG_NAME, to_dict(job))
 

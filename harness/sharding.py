@@ -116,16 +116,17 @@ def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: tor
     """Shard `model` in place over the processes: each decoder layer, then the root (`fully_shard`).
 
     The main process passes the loaded model (on the CPU), the others the same architecture on the meta device
-    (`harness.models.empty_model`): no process but the main one ever holds the whole model, and it only in CPU
-    memory. Each layer moves to `device` as it is sharded; the main process's weights, then the buffers (rotary
-    tables and the like, which no state dict holds), are broadcast into every process's shards.
+    (`harness.models.empty_model`; a loaded one works too, its weights are replaced): no process but the main one
+    need ever hold the whole model, and it only in CPU memory. Each layer moves to `device` as it is sharded; the
+    main process's weights, then the buffers (rotary tables and the like, which no state dict holds), are
+    broadcast into every process's shards.
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     kwargs = {"mp_policy": policy} if policy else {}
-    on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta == (dist.get_rank() == 0):
-        raise ValueError("shard_model: the main process passes the loaded model, the others an empty one (meta)")
-    whole = {} if on_meta else dict(model.state_dict())  # the main process's CPU tensors, kept for the broadcast
+    on_meta, main = any(p.is_meta for p in model.parameters()), dist.get_rank() == 0
+    if on_meta and main:
+        raise ValueError("shard_model: the main process passes the loaded model (the others may pass an empty one)")
+    whole = dict(model.state_dict()) if main else {}  # the main process's CPU tensors, kept for the broadcast
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

@@ -328,3 +328,30 @@ def test_processes_started_as_srun_starts_them_train_sharded(sharded_runs, tmp_p
     assert sum(out.count("trained 3 steps") for out, _ in outputs) == 1  # one process group, one report
     assert losses(runs / "srun" / "naive") == losses(runs / "fsdp" / "naive")
     assert_same_tensors(weights(runs / "srun" / "naive" / "final"), weights(runs / "fsdp" / "naive" / "final"), "srun")
+
+
+def test_deepspeed_is_refused_naming_fsdp(tmp_path):
+    for args, env in (
+        (["train.distributed=deepspeed"], {}),
+        ([], {"ACCELERATE_USE_DEEPSPEED": "true"}),  # what `accelerate launch` sets from a DeepSpeed config
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "harness", "train", *BASE, *args, f"output_dir={tmp_path / 'run'}"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, **env),
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "deepspeed" in lines[0].lower(), result.stderr[-2000:]
+        assert "train.distributed=fsdp" in lines[0] or "use fsdp" in lines[0]
+        assert not (tmp_path / "run").exists()
+
+
+def test_final_weights_in_the_save_dtype(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train(load_job(None, [*BASE, "train.max_steps=1", "train.save_dtype=bfloat16", f"output_dir={tmp_path}"]))
+    saved = load_file(str(result.final_dir / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.loads((result.final_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(result.final_dir).dtype == torch.bfloat16
