@@ -306,13 +306,7 @@ def setup(job: TrainJob, accelerator) -> Run:
     attach_format(tokenizer, job.data.format)
     examples, data_stats, heldout = load_data(job, tokenizer, accelerator)
     sharded = sharding_on(job, accelerator)
-    if sharded and not accelerator.is_main_process:  # the main process loads and broadcasts (harness.sharding)
-        model = empty_model(job.model, vocab_size=len(tokenizer))
-    else:
-        model = load_model(job.model, for_training=True, vocab_size=len(tokenizer))  # the same base for every seed
-    model.config.use_cache = False
-    if job.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = base_model(job, tokenizer, empty=sharded and not accelerator.is_main_process)
     mitigations = build_mitigations(job.mitigations)
     checkpoints = ckpt.checkpoint_dirs(Path(job.output_dir))  # resume from the newest complete one, if any
     ctx = TrainContext(
@@ -350,6 +344,19 @@ def setup(job: TrainJob, accelerator) -> Run:
         trainable=[p for p in model.parameters() if p.requires_grad],
         lengths=[len(e) for e in examples],
     )
+
+
+def base_model(job: TrainJob, tokenizer, empty: bool):
+    """The model to fine-tune, the same whatever the seed; `empty`: its architecture on the meta device, for a
+    process whose shards the main process fills (harness.sharding)."""
+    if empty:
+        model = empty_model(job.model, vocab_size=len(tokenizer))
+    else:
+        model = load_model(job.model, for_training=True, vocab_size=len(tokenizer))
+    model.config.use_cache = False
+    if job.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def sharding_on(job: TrainJob, accelerator) -> bool:
@@ -470,11 +477,7 @@ def train_step(run: Run, step: int) -> StepNumbers:
         packed=run.packed,
         filler=step_examples[0],
     )
-    if run.packed and packing.CALLS["packed"] == 0:
-        raise RunError(
-            "train.packing: the model's attention did not go through transformers' attention "
-            "interface, so packed sequences could see each other; set train.packing=padded"
-        )
+    _check_packed_attention(run)
     run.padded_tokens += padded
     run.real_tokens += real
     hook_results(run.mitigations, "penalty_grad", model, run.ctx)
@@ -504,6 +507,15 @@ def train_step(run: Run, step: int) -> StepNumbers:
         padding_fraction=1 - run.real_tokens / max(1, run.padded_tokens),
     )
     return run.last
+
+
+def _check_packed_attention(run: Run) -> None:
+    """Packed rows are only safe when the attention went through the packed kernel (harness.packing)."""
+    if run.packed and packing.CALLS["packed"] == 0:
+        raise RunError(
+            "train.packing: the model's attention did not go through transformers' attention "
+            "interface, so packed sequences could see each other; set train.packing=padded"
+        )
 
 
 class StepLog:
