@@ -212,6 +212,7 @@ def test_plan_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, 
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, tokenizer):
     """A 70B-shaped model (config and tokenizer only: no weights exist, none are read) on this machine: training
     stops with one line naming a knob, writes nothing, and `train.memory_check=false` lets it go past the check."""

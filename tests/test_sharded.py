@@ -330,6 +330,7 @@ def test_processes_started_as_srun_starts_them_train_sharded(sharded_runs, tmp_p
     assert_same_tensors(weights(runs / "srun" / "naive" / "final"), weights(runs / "fsdp" / "naive" / "final"), "srun")
 
 
+@pytest.mark.slow
 def test_deepspeed_is_refused_naming_fsdp(tmp_path):
     for args, env in (
         (["train.distributed=deepspeed"], {}),
