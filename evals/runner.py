@@ -9,6 +9,13 @@ YAML, the Python beside it and the project modules that imports), the evaluation
 chat template, the dtype, attention implementation and device, the IFEval NLTK data and the versions of
 torch, transformers, lm-eval, peft and nltk. lm-eval's own `use_cache` is not used: its keys ignore the
 model weights.
+
+A model loaded by `load_for_eval` from safetensors files carries the fingerprint of those files
+(`harness.models.files_fingerprint`: streamed from disk several tensors at a time, never copied off the GPU nor
+gathered from shards, as hashing the loaded tensors does); it stands for the model while its tensors are the
+loaded ones, unchanged in place. The cache may be shared by many
+processes and machines: entries are written atomically (staged, then renamed), and an entry that cannot be
+read (truncated, corrupt, another shape) is a miss, which the evaluation's result replaces.
 """
 
 from __future__ import annotations
@@ -39,7 +46,14 @@ from harness.config import ModelConfig
 from harness.configlib import knob
 from harness.errors import UserError
 from harness.io import atomic_write_json
-from harness.models import load_model, load_tokenizer, weights_fingerprint
+from harness.models import (
+    files_fingerprint,
+    has_safetensors,
+    load_model,
+    load_tokenizer,
+    source_directory,
+    weights_fingerprint,
+)
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the `evals` and `harness` packages
@@ -219,6 +233,7 @@ def cache_keys(model, tokenizer, settings: EvalSettings, manager, leaves: dict, 
 
 
 SLICES = ("results", "configs", "versions", "n-samples", "higher_is_better", "samples")
+LOADED_FROM = "_forgetting_files_fingerprint"  # the model attribute `load_for_eval` sets
 
 
 def _slice(results: dict, name: str) -> dict:
@@ -289,16 +304,16 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
     ensure_punkt_tab()  # before lm-eval imports its ifeval checkers
     manager = task_manager(settings)
     leaves = leaf_tasks(manager, settings.tasks)
-    fingerprint = weights_fingerprint(model)
+    fingerprint = model_fingerprint(model)
     keys = cache_keys(model, tokenizer, settings, manager, leaves, fingerprint)
     parts, missing, hits = [], [], []
     for name in leaves:
-        path = cache_dir / f"{keys[name]}.json" if cache_dir else None
-        if path is not None and path.is_file():
-            parts.append(json.loads(path.read_text()))
-            hits.append(name)
-        else:
+        entry = read_cache_entry(cache_dir / f"{keys[name]}.json", name) if cache_dir else None
+        if entry is None:
             missing.append(name)
+        else:
+            parts.append(entry)
+            hits.append(name)
     if missing:
         was_training = model.training
         model.eval()
@@ -307,7 +322,7 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
         for name in missing:
             part = _slice(output, name)
             parts.append(part)
-            if cache_dir is not None:
+            if cache_dir is not None:  # staged and renamed: concurrent writers of a key leave one whole entry
                 atomic_write_json(cache_dir / f"{keys[name]}.json", part)
     results = _merge(parts)
     results["forgetting"] = {
@@ -322,6 +337,49 @@ def evaluate(model, tokenizer, settings: EvalSettings, cache_dir: Path | None = 
         "lm_eval_version": _lm_eval_version(),
     }
     return results
+
+
+def read_cache_entry(path: Path, name: str) -> dict | None:
+    """The cached result of task `name` at `path`, or None: no entry, or one that cannot be used (truncated,
+    corrupt, not of `_slice`'s shape for this task), which is a miss that the evaluation's result replaces."""
+    try:
+        entry = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 decoding errors are ValueErrors
+        print(f"eval cache: {path} is unreadable ({type(err).__name__}); evaluating {name} again", flush=True)
+        return None
+    results = entry.get("results") if isinstance(entry, dict) else None
+    if not (
+        isinstance(results, dict)
+        and isinstance(results.get(name), dict)
+        and all(key in SLICES and isinstance(value, dict) and set(value) == {name} for key, value in entry.items())
+    ):
+        print(f"eval cache: {path} is not a result of {name}; evaluating it again", flush=True)
+        return None
+    return entry
+
+
+def _tensors_token(model) -> str:
+    """Which tensors a model holds and whether any changed in place since: each one's name, address, dtype,
+    device and version counter (which in-place operations on it raise)."""
+    parts = [(n, t.data_ptr(), t._version, str(t.dtype), str(t.device)) for n, t in model.state_dict().items()]
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+
+def remember_files_fingerprint(model, fingerprint: str) -> None:
+    """Let `model_fingerprint` use `fingerprint` (of the files `model` was loaded from) while the tensors are
+    these ones, unchanged in place."""
+    setattr(model, LOADED_FROM, (fingerprint, _tensors_token(model)))
+
+
+def model_fingerprint(model) -> str:
+    """The cache's fingerprint of a model's weights: that of the files it was loaded from, when `load_for_eval`
+    loaded it from safetensors and its tensors are still those it loaded; else the hash of its tensors."""
+    remembered = getattr(model, LOADED_FROM, None)
+    if remembered is not None and remembered[1] == _tensors_token(model):
+        return remembered[0]
+    return weights_fingerprint(model)
 
 
 def by_category(results: dict) -> dict:
@@ -347,7 +405,9 @@ def _lm_eval_version() -> str:
 
 
 def load_for_eval(source: str, adapter: str | None = None, model_config=None):
-    """(model, tokenizer) for a checkpoint directory, hub id, GGUF or embedded name, optionally + a PEFT adapter."""
+    """(model, tokenizer) for a checkpoint directory, hub id, GGUF or embedded name, optionally + a PEFT adapter.
+    Loaded from safetensors files (a directory, the converted GGUF, the hub cache), the model carries their
+    `files_fingerprint` for `evaluate`'s cache key (`model_fingerprint`)."""
     folder = Path(source)
     if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         source, adapter = adapter_base(folder), source  # a LoRA checkpoint: evaluate it on its own base
@@ -365,6 +425,9 @@ def load_for_eval(source: str, adapter: str | None = None, model_config=None):
             tokenizer = AutoTokenizer.from_pretrained(adapter)
     model.to(eval_device())  # lm-eval runs a model object where it lies
     model.eval()
+    directory = source_directory(config)
+    if directory is not None and has_safetensors(directory) and (adapter is None or has_safetensors(adapter, True)):
+        remember_files_fingerprint(model, files_fingerprint(directory, adapter))
     return model, tokenizer
 
 

