@@ -22,7 +22,7 @@ from harness.formats import IGNORE_INDEX, attach_format
 from harness.io import atomic_write_text, cache_root
 from harness.job import TrainJob, load_job
 from harness.models import load_tokenizer
-from harness.pipeline import run_experiment
+from harness.pipeline import report_run, run_experiment
 from harness.plan import available_memory, estimate, render
 from harness.precision import compute_device_type
 from harness.train import train
@@ -30,7 +30,6 @@ from mitigations import registered
 from reports import gate
 from reports.gate import runtime_failure
 from reports.writer import headline as run_headline
-from reports.writer import write_reports
 
 
 def _job(args):
@@ -158,6 +157,8 @@ def cmd_eval(args) -> int:
 def cmd_run(args) -> int:
     exp = load_experiment(args.config, args.overrides, quick=args.quick)
     run_dir = run_experiment(exp)
+    if run_dir is None:  # other processes still work on units of this run; the last of them writes the report
+        return 0
     print(run_headline(run_dir))
     print(
         f"reports: {run_dir / 'reports' / 'report.html'} (and forgetting.md, instruction_following.md); "
@@ -167,7 +168,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    run_dir = write_reports(Path(args.run_dir))
+    run_dir = report_run(Path(args.run_dir))
     print(run_headline(run_dir))
     print(f"reports written to {run_dir / 'reports'}")
     return 0

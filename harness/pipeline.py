@@ -4,14 +4,18 @@ Layout of the run directory (`experiment.output_dir`):
     experiment.yaml        the resolved experiment (a rerun with a different one is refused)
     environment.json       python, packages, device, git commit; one entry per (re)start
     data_hashes.json       BLAKE2 of every distinct SFT dataset (the parsed conversations) and held-out split
-    manifest.json          finished units with their status, timings and evaluation counts
+    manifest.json          every unit's record (status, timings, evaluations), rebuilt from the records when the
+                           report is written
     base/eval.json         lm-eval results (with samples) of the base model
+    base/status.json, units/<id>/status.json    each unit's record, written by the one process that holds it
+                           (harness/records.py: several `forgetting run` processes may share the directory)
     units/<id>/train/      the unit's training output_dir: metrics.jsonl, checkpoints, final/ (model or adapter)
     units/<id>/eval.json   lm-eval results of the unit's final model (eval_<variant>.json for WiSE-FT points)
     units/<id>/log.txt     everything the unit printed
     results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.writer.write_reports`
 A rerun resumes: finished units are skipped, an interrupted unit continues from its last checkpoint,
-evaluations already done are read back from the result cache.
+evaluations already done are read back from the result cache. A unit another process is working on is left to
+it; the process that finishes the last unit writes the report.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
 from harness.configlib import to_dict
 from harness.data import load_conversations
 from harness.errors import RunError, UserError
-from harness.experiment import Experiment, Unit, units, upgrade_experiment
+from harness.experiment import Experiment, Unit, load_saved_experiment, units, upgrade_experiment
 from harness.io import atomic_write_json, cache_root, claim_run_dir
 from harness.job import comparable
 from harness.precision import resolve_eval_dtype, resolve_precision
 from harness.progress import ExperimentProgress, Plan
+from harness.records import Progress as RecordProgress
+from harness.records import Records
 from harness.train import train
 from mitigations.wise_ft import WiseFTConfig
 from reports.writer import write_reports
@@ -151,27 +158,6 @@ def data_hashes(unit_list: list[Unit]) -> dict:
     return {"datasets": list(out.values())}
 
 
-class Manifest:
-    """`manifest.json`: the finished units (done or failed), rewritten atomically after each change."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "manifest.json"
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"units": {}, "evaluations": []}
-
-    def done(self, key: str) -> bool:
-        return self.data["units"].get(key, {}).get("status") == "done"
-
-    def record(self, key: str, **fields) -> None:
-        self.data["units"][key] = fields
-        atomic_write_json(self.path, self.data)
-
-    def count_evaluation(self, model: str, results: dict) -> None:
-        """One entry per model evaluation: which tasks ran and which came from the result cache."""
-        meta = results["forgetting"]
-        self.data["evaluations"].append({"model": model, "evaluated": meta["evaluated"], "cached": meta["cache_hits"]})
-        atomic_write_json(self.path, self.data)
-
-
 class _Tee:
     def __init__(self, *streams):
         self.streams = streams
@@ -202,8 +188,11 @@ def tee_output(path: Path):
             sys.stdout, sys.stderr = out, err
 
 
-def evaluate_model(exp: Experiment, source: Path | str, manifest: Manifest, label: str, adapter: bool = False) -> dict:
-    """lm-eval results of a base model, a checkpoint directory or a LoRA adapter directory (cached)."""
+def evaluate_model(
+    exp: Experiment, source: Path | str, records: Records, key: str, label: str, adapter: bool = False
+) -> dict:
+    """lm-eval results of a base model, a checkpoint directory or a LoRA adapter directory (cached), counted in
+    unit `key`'s record."""
     base = replace(exp.model, dtype=exp.eval_dtype)
     if adapter:
         model, tokenizer = load_for_eval(base.name_or_path, adapter=str(source), model_config=base)
@@ -215,7 +204,7 @@ def evaluate_model(exp: Experiment, source: Path | str, manifest: Manifest, labe
         )
         model, tokenizer = load_for_eval(str(source), model_config=config)
     results = evaluate(model, tokenizer, exp.eval, cache_dir=cache_root() / "eval")
-    manifest.count_evaluation(label, results)
+    records.count_evaluation(key, label, results)
     return results
 
 
@@ -227,7 +216,7 @@ def run_unit(
     exp: Experiment,
     unit: Unit,
     run_dir: Path,
-    manifest: Manifest,
+    records: Records,
     progress: ExperimentProgress | None = None,
     label: str = "",
 ) -> dict:
@@ -236,7 +225,13 @@ def run_unit(
     started = time.perf_counter()
     if progress is not None:
         progress.training(unit.id, label)
-    on_step = (lambda done, total, loss: progress.step(unit.id, done, total, loss)) if progress is not None else None
+    in_record = RecordProgress(records, unit.id)
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        in_record(done, total, loss)
+        if progress is not None:
+            progress.step(unit.id, done, total, loss)
+
     result = train(unit.job, on_step=on_step)
     trained = time.perf_counter()
     final = result.final_dir
@@ -247,7 +242,8 @@ def run_unit(
         if not target.is_file():
             if progress is not None:
                 progress.evaluating(unit.id, label, variant)
-            atomic_write_json(target, evaluate_model(exp, source, manifest, f"{unit.id}/{variant}", adapter=adapter))
+            results = evaluate_model(exp, source, records, unit.id, f"{unit.id}/{variant}", adapter=adapter)
+            atomic_write_json(target, results)
         if progress is not None:
             progress.evaluated(unit.id)
     if not exp.keep_models:
@@ -267,17 +263,20 @@ def run_unit(
     }
 
 
-def run_experiment(exp: Experiment) -> Path:
-    """The whole experiment, resumable; returns the run directory."""
+def run_experiment(exp: Experiment) -> Path | None:
+    """The whole experiment, resumable, shareable by several processes (each unit is worked on by the one that
+    claims it); returns the run directory when this process wrote the report, None when units it left to other
+    processes are not finished yet (the last of them writes it)."""
     run_dir = Path(exp.output_dir)
     unit_list = units(exp)
     hashes = _preflight(exp, unit_list)
-    resuming = open_run_dir(exp, run_dir)
-    if resuming and (run_dir / "data_hashes.json").is_file():
-        check_same_data(json.loads((run_dir / "data_hashes.json").read_text()), hashes)
-    atomic_write_json(run_dir / "data_hashes.json", hashes)
-    chosen = _append_environment(run_dir, exp)["precision"]
-    manifest = Manifest(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(run_dir / ".setup.lock"):  # processes starting together: one at a time through the setup
+        resuming = open_run_dir(exp, run_dir)
+        if resuming and (run_dir / "data_hashes.json").is_file():
+            check_same_data(json.loads((run_dir / "data_hashes.json").read_text()), hashes)
+        atomic_write_json(run_dir / "data_hashes.json", hashes)
+        chosen = _append_environment(run_dir, exp)["precision"]
     print(
         f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
         f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}",
@@ -288,34 +287,85 @@ def run_experiment(exp: Experiment) -> Path:
         f"{chosen['eval_dtype']} ({chosen['eval_reason']})",
         flush=True,
     )
-
+    records = Records(run_dir)
     progress = ExperimentProgress(work_plan(unit_list))
-    if manifest.done("base"):
-        progress.unit_done("base")
-    else:
-        started = time.perf_counter()
-        with tee_output(run_dir / "base" / "log.txt"):
-            progress.evaluating("base", "[base]", f"the base model {exp.model.name_or_path}")
-            atomic_write_json(
-                run_dir / "base" / "eval.json", evaluate_model(exp, exp.model.name_or_path, manifest, "base")
-            )
-            progress.evaluated("base")
-        manifest.record("base", status="done", eval_seconds=round(time.perf_counter() - started, 1))
-    for index, unit in enumerate(unit_list, 1):
-        label = f"[{index}/{len(unit_list)}] {unit.id}"
-        if manifest.done(unit.id):
+    work = {"base": ("[base]", None)} | {
+        u.id: (f"[{i}/{len(unit_list)}] {u.id}", u) for i, u in enumerate(unit_list, 1)
+    }
+    for key, (label, unit) in work.items():
+        _work_on(exp, key, label, unit, records, progress)
+    return finish_run(run_dir, records, list(work))
+
+
+def _work_on(exp: Experiment, key: str, label: str, unit: Unit | None, records: Records, progress) -> None:
+    """Run unit `key` (None: the base evaluation) unless it is done or another process holds it."""
+    if records.done(key):
+        if unit is not None:
             print(f"{label}: done earlier", flush=True)
+        progress.unit_done(key)
+        return
+    if not records.claim(key):
+        print(f"{label}: running in another process ({describe_place(records.read(key))})", flush=True)
+        progress.unit_done(key)
+        return
+    run_dir = records.run_dir
+    try:
+        if unit is None:
+            record = _evaluate_base(exp, run_dir, records, progress)
+        else:
+            try:
+                with tee_output(run_dir / "units" / unit.id / "log.txt"):
+                    record = run_unit(exp, unit, run_dir, records, progress, label)
+            except RunError as err:  # e.g. a non-finite loss: this unit failed, the others go on
+                print(f"{label} failed: {err}", file=sys.stderr, flush=True)
+                record = {"status": "failed", "strategy": unit.strategy, "seed": unit.seed, "error": str(err)}
             progress.unit_done(unit.id)
-            continue
-        try:
-            with tee_output(run_dir / "units" / unit.id / "log.txt"):
-                record = run_unit(exp, unit, run_dir, manifest, progress, label)
-        except RunError as err:  # e.g. a non-finite loss: this unit failed, the others go on
-            print(f"{label} failed: {err}", file=sys.stderr, flush=True)
-            record = {"status": "failed", "strategy": unit.strategy, "seed": unit.seed, "error": str(err)}
-        progress.unit_done(unit.id)
-        manifest.record(unit.id, **record)
-    return write_reports(run_dir)
+        records.update(key, **record)
+    finally:  # a crash leaves the record `running` with no holder: the next claim resumes the unit
+        records.release(key)
+
+
+def _evaluate_base(exp: Experiment, run_dir: Path, records: Records, progress) -> dict:
+    started = time.perf_counter()
+    with tee_output(run_dir / "base" / "log.txt"):
+        progress.evaluating("base", "[base]", f"the base model {exp.model.name_or_path}")
+        results = evaluate_model(exp, exp.model.name_or_path, records, "base", "base")
+        atomic_write_json(run_dir / "base" / "eval.json", results)
+        progress.evaluated("base")
+    return {"status": "done", "eval_seconds": round(time.perf_counter() - started, 1)}
+
+
+def describe_place(record: dict | None) -> str:
+    """Where a unit's record says it runs: host, process, Slurm job."""
+    record = record or {}
+    job = f", Slurm job {record['slurm_job']}" if record.get("slurm_job") else ""
+    return f"{record.get('host', '?')} pid {record.get('pid', '?')}{job}"
+
+
+def finish_run(run_dir: Path, records: Records, keys: list[str]) -> Path | None:
+    """Write manifest.json and the report when every unit is done or failed; else say who still works on what."""
+    open_units = [k for k in keys if (records.read(k) or {}).get("status") not in ("done", "failed")]
+    if open_units:
+        busy = [k for k in open_units if records.running_elsewhere(k)]
+        print(
+            f"{len(open_units)} unit(s) not finished ({len(busy)} running in other processes: "
+            f"{', '.join(busy[:3]) or 'none'}); the process that finishes the last one writes the report "
+            f"(or run `forgetting run` again / `forgetting status {run_dir}`)",
+            flush=True,
+        )
+        return None
+    return report_run(run_dir, keys)
+
+
+def report_run(run_dir: Path, keys: list[str] | None = None) -> Path:
+    """manifest.json rebuilt from the unit records, then every report (one process at a time)."""
+    if not (run_dir / EXPERIMENT_FILE).is_file():
+        return write_reports(run_dir)  # which says, in one line, that this is not a run directory
+    if keys is None:
+        keys = ["base"] + [u.id for u in units(load_saved_experiment(run_dir / EXPERIMENT_FILE))]
+    with FileLock(run_dir / ".report.lock"):
+        atomic_write_json(run_dir / "manifest.json", Records(run_dir).summary(keys))
+        return write_reports(run_dir)
 
 
 def work_plan(unit_list: list[Unit]) -> Plan:

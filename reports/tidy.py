@@ -19,6 +19,7 @@ import pandas as pd
 
 from evals.runner import metric_entries
 from harness.experiment import load_saved_experiment, units
+from harness.records import Records
 
 # Lower-is-better metrics, for results that do not say (lm-eval's `higher_is_better` is used when present)
 LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "leak_rate", "empty_rate"}
@@ -135,13 +136,13 @@ def _labels(model: str, unit=None, variant: str = "final", status: str = "done")
 
 
 def build_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(scores, examples, units) of a run directory, from its saved results and manifest."""
+    """(scores, examples, units) of a run directory, from its saved results and the units' records."""
     exp = load_saved_experiment(run_dir / "experiment.yaml")
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    records = Records(run_dir)
     scores, examples, unit_rows = [], [], []
     sources = [(run_dir / "base" / "eval.json", _labels("base"))]
     for unit in units(exp):
-        record = manifest.get("units", {}).get(unit.id, {"status": "not run"})
+        record = records.read(unit.id) or {"status": "not run"}
         unit_rows.append(
             {
                 "unit": unit.id,

@@ -1,0 +1,67 @@
+"""A run directory shared by several `forgetting run` processes: each unit claimed by one (a file lock), the
+report built from the units' records, `forgetting status` from the records alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.records import Records
+from tests.helpers import write
+from tests.test_experiment import experiment
+
+
+def _start(path, log):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "harness", "run", str(path)], stdout=out, stderr=out, env=env)
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_directory_train_each_unit_once(tmp_path):
+    """Two `forgetting run` processes started together: every unit trained exactly once, the report written, and
+    the results those of one process alone."""
+    strategies = [{"name": "naive"}, {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]}]
+    shared = experiment(tmp_path, strategies=strategies, seeds=[0, 1], output_dir=str(tmp_path / "shared"))
+    alone = dict(shared, output_dir=str(tmp_path / "alone"))
+    processes = [_start(write(tmp_path, "shared.yaml", shared), tmp_path / f"p{i}.log") for i in (0, 1)]
+    single = _start(write(tmp_path, "alone.yaml", alone), tmp_path / "alone.log")
+    codes = [p.wait(timeout=900) for p in [*processes, single]]
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("p0", "p1", "alone")]
+    assert codes == [0, 0, 0], "\n".join(log[-1500:] for log in logs)
+    run = tmp_path / "shared"
+    unit_ids = ["naive__seed0", "naive__seed1", "lora__seed0", "lora__seed1"]
+    for unit in unit_ids:
+        assert (run / "units" / unit / "log.txt").read_text().count("\ndata: ") == 1, unit  # one training start
+        assert json.loads((run / "units" / unit / "status.json").read_text())["status"] == "done"
+    assert sum(log.count("\ndata: ") for log in logs[:2]) == 4  # between the two processes, each unit once
+    assert (run / "results.csv").read_text().replace("shared", "alone") == (
+        tmp_path / "alone" / "results.csv"
+    ).read_text()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert sorted(manifest["units"]) == sorted(["base", *unit_ids])
+    assert [e["model"] for e in manifest["evaluations"]].count("base") == 1  # the base evaluated once
+
+
+def test_a_held_unit_is_left_to_its_holder_and_a_dead_holders_unit_is_taken(tmp_path):
+    run = tmp_path / "run"
+    first, second = Records(run), Records(run)
+    assert first.claim("naive__seed0")
+    record = second.read("naive__seed0")
+    assert record["status"] == "running" and record["pid"] == os.getpid()
+    assert second.running_elsewhere("naive__seed0")
+    first.update("naive__seed0", step=3)
+    first.release("naive__seed0")  # as the OS does when the holder dies: the record still says running
+    assert not second.running_elsewhere("naive__seed0")
+    assert second.claim("naive__seed0") and second.read("naive__seed0")["status"] == "running"
+    second.release("naive__seed0")
+
+
+def test_a_record_cut_short_reads_as_none(tmp_path):
+    (tmp_path / "units" / "u").mkdir(parents=True)
+    (tmp_path / "units" / "u" / "status.json").write_text('{"status": "do')
+    assert Records(tmp_path).read("u") is None
