@@ -7,6 +7,7 @@
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
     forgetting run EXPERIMENT.yaml [key=value ...] [--quick]   base eval, strategies x seeds, reports (resumes)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
+    forgetting status RUN_DIR                       each unit's state, where it runs, its step and last loss
     forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage,
                                                     3 runtime failure (no verdict)
 
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", help="the experiment's output_dir")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     rep.set_defaults(command_name="report", config=None, overrides=[])
+    status = commands.add_parser(
+        "status",
+        help="each unit's state, where it runs, its step and last loss",
+        description="Show RUN_DIR's units from their records: done, failed, running (host, pid, Slurm job), "
+        "interrupted (its process died) or pending, with the step and the last loss.",
+        epilog=FLAGS,
+    )
+    status.add_argument("run_dir", help="the experiment's output_dir")
+    status.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    status.set_defaults(command_name="status", config=None, overrides=[])
     _add_gate(commands)
     _add_eval(commands)
     return parser

@@ -22,7 +22,7 @@ from harness.formats import IGNORE_INDEX, attach_format
 from harness.io import atomic_write_text, cache_root
 from harness.job import TrainJob, load_job
 from harness.models import load_tokenizer
-from harness.pipeline import report_run, run_experiment
+from harness.pipeline import EXPERIMENT_FILE, report_run, run_experiment, status_table
 from harness.plan import available_memory, estimate, render
 from harness.precision import compute_device_type
 from harness.train import train
@@ -171,6 +171,14 @@ def cmd_report(args) -> int:
     run_dir = report_run(Path(args.run_dir))
     print(run_headline(run_dir))
     print(f"reports written to {run_dir / 'reports'}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / EXPERIMENT_FILE).is_file():
+        raise UserError(f"{run_dir}: not a run directory (no {EXPERIMENT_FILE})")
+    print(status_table(run_dir))
     return 0
 
 

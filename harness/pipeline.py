@@ -357,6 +357,25 @@ def finish_run(run_dir: Path, records: Records, keys: list[str]) -> Path | None:
     return report_run(run_dir, keys)
 
 
+def status_table(run_dir: Path) -> str:
+    """`forgetting status`: one line per unit, from the records alone (and whether their locks are held)."""
+    keys = ["base"] + [u.id for u in units(load_saved_experiment(run_dir / EXPERIMENT_FILE))]
+    records = Records(run_dir)
+    lines = [f"{'unit':<32} {'state':<12} {'step':>11} {'loss':>9}  where"]
+    for key in keys:
+        record = records.read(key) or {}
+        state = record.get("status", "pending")
+        if state == "running" and not records.running_elsewhere(key):
+            state = "interrupted"  # its process died; the next `forgetting run` resumes it
+        step = f"{record['step']}/{record['steps']}" if "step" in record else ""
+        loss = f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) else ""
+        place = describe_place(record) if state in ("running", "interrupted") else record.get("error", "")[:60]
+        lines.append(f"{key:<32} {state:<12} {step:>11} {loss:>9}  {place}")
+    states = [line.split()[1] for line in lines[1:]]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+    return "\n".join([*lines, f"{len(keys)} units: {counts}"])
+
+
 def report_run(run_dir: Path, keys: list[str] | None = None) -> Path:
     """manifest.json rebuilt from the unit records, then every report (one process at a time)."""
     if not (run_dir / EXPERIMENT_FILE).is_file():

@@ -9,7 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from harness.cli import main
+from harness.configlib import to_dict
+from harness.experiment import load_experiment
 from harness.records import Records
 from tests.helpers import write
 from tests.test_experiment import experiment
@@ -65,3 +69,33 @@ def test_a_record_cut_short_reads_as_none(tmp_path):
     (tmp_path / "units" / "u").mkdir(parents=True)
     (tmp_path / "units" / "u" / "status.json").write_text('{"status": "do')
     assert Records(tmp_path).read("u") is None
+
+
+def test_status_shows_each_units_state_place_step_and_loss(tmp_path, capsys):
+    strategies = [{"name": "naive"}, {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]}]
+    exp = load_experiment(write(tmp_path, "exp.yaml", experiment(tmp_path, strategies=strategies)), [])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "experiment.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
+    worker = Records(run)
+    assert worker.claim("base")
+    worker.update("base", status="done")
+    worker.release("base")
+    assert worker.claim("naive__seed0")
+    worker.update("naive__seed0", step=1, steps=2, loss=10.5)
+    assert worker.claim("lora__seed0")
+    worker.release("lora__seed0")  # its process died
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert lines["base"].split()[1] == "done"
+    assert lines["naive__seed0"].split()[1:4] == ["running", "1/2", "10.5000"]
+    assert f"pid {os.getpid()}" in lines["naive__seed0"]
+    assert lines["lora__seed0"].split()[1] == "interrupted"
+    assert out.splitlines()[-1] == "3 units: 1 done, 1 running, 1 interrupted"
+    worker.release("naive__seed0")
+
+
+def test_status_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
