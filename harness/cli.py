@@ -5,7 +5,8 @@
     forgetting data CONFIG.yaml [key=value ...]    data statistics and the first example with its loss mask
     forgetting plan CONFIG.yaml [--processes N] [key=value ...]   per-process memory under ddp and fsdp; what fits
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
-    forgetting run EXPERIMENT.yaml [key=value ...] [--quick]   base eval, strategies x seeds, reports (resumes)
+    forgetting run EXPERIMENT.yaml [key=value ...] [--quick] [--unit ID]   base eval, strategies x seeds, reports
+                                                    (resumes; --unit: one unit, for schedulers)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
     forgetting status RUN_DIR                       each unit's state, where it runs, its step and last loss
     forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage,
@@ -49,16 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate a training job's memory per process under ddp and fsdp (no weights loaded) and what fits",
     )
     plan.add_argument("--processes", type=int, default=1, help="processes the job will run on (default 1)")
+    _add_run(add)
+    _add_run_dir_commands(commands)
+    _add_gate(commands)
+    _add_eval(commands)
+    return parser
+
+
+def _add_run(add) -> None:
     run = add(
         "run",
         "run an experiment: evaluate the base, train and evaluate every strategy x seed, "
         "write the reports; a rerun resumes",
     )
     run.add_argument(
+        "--unit",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="run only this unit (repeatable; `base` is the base evaluation): the entry point a scheduler calls; "
+        "the process that finishes the last unit writes the report",
+    )
+    run.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 2 steps, 8 documents per task, the first seed, output_dir + '-quick'",
     )
+
+
+def _add_run_dir_commands(commands) -> None:
+    """The commands that take a run directory: report and status."""
     rep = commands.add_parser(
         "report",
         help="regenerate the reports of a run directory without retraining",
@@ -78,9 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", help="the experiment's output_dir")
     status.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     status.set_defaults(command_name="status", config=None, overrides=[])
-    _add_gate(commands)
-    _add_eval(commands)
-    return parser
 
 
 def _add_gate(commands) -> None:

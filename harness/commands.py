@@ -156,7 +156,7 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     exp = load_experiment(args.config, args.overrides, quick=args.quick)
-    run_dir = run_experiment(exp)
+    run_dir = run_experiment(exp, only=args.unit)
     if run_dir is None:  # other processes still work on units of this run; the last of them writes the report
         return 0
     print(run_headline(run_dir))

@@ -263,12 +263,17 @@ def run_unit(
     }
 
 
-def run_experiment(exp: Experiment) -> Path | None:
+def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | None:
     """The whole experiment, resumable, shareable by several processes (each unit is worked on by the one that
-    claims it); returns the run directory when this process wrote the report, None when units it left to other
-    processes are not finished yet (the last of them writes it)."""
+    claims it); `only`: just these units (`base`: the base evaluation), as a scheduler's job runs them. Returns the
+    run directory when this process wrote the report, None when other units are not finished yet (the process
+    that finishes the last one writes it)."""
     run_dir = Path(exp.output_dir)
     unit_list = units(exp)
+    unknown = sorted(set(only or []) - {"base", *(u.id for u in unit_list)})
+    if unknown:
+        valid = ", ".join(["base", *(u.id for u in unit_list)])
+        raise UserError(f"--unit {unknown[0]}: not a unit of {exp.name}; valid: {valid}")
     hashes = _preflight(exp, unit_list)
     run_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(run_dir / ".setup.lock"):  # processes starting together: one at a time through the setup
@@ -293,7 +298,8 @@ def run_experiment(exp: Experiment) -> Path | None:
         u.id: (f"[{i}/{len(unit_list)}] {u.id}", u) for i, u in enumerate(unit_list, 1)
     }
     for key, (label, unit) in work.items():
-        _work_on(exp, key, label, unit, records, progress)
+        if only is None or key in only:
+            _work_on(exp, key, label, unit, records, progress)
     return finish_run(run_dir, records, list(work))
 
 

@@ -99,3 +99,22 @@ def test_status_shows_each_units_state_place_step_and_loss(tmp_path, capsys):
 def test_status_of_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_units_run_one_at_a_time_and_the_last_writes_the_report(tmp_path, capsys):
+    """`forgetting run EXP --unit ID`, the entry point a scheduler's job calls."""
+    strategies = [{"name": "naive"}, {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]}]
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path, strategies=strategies))
+    assert main(["run", str(path), "--unit", "nope"]) == 2
+    assert "--unit nope: not a unit of tiny; valid: base, naive__seed0, lora__seed0" in capsys.readouterr().err
+    run = tmp_path / "run"
+    for unit, left in (("lora__seed0", 2), ("base", 1)):
+        assert main(["run", str(path), "--unit", unit]) == 0
+        assert f"{left} unit(s) not finished" in capsys.readouterr().out and not (run / "results.csv").exists()
+    assert main(["run", str(path), "--unit", "naive__seed0"]) == 0
+    assert (run / "results.csv").is_file() and (run / "reports" / "report.html").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {k: r["status"] for k, r in manifest["units"].items()} == dict.fromkeys(
+        ["base", "naive__seed0", "lora__seed0"], "done"
+    )
