@@ -2,7 +2,8 @@
 
 `UserError` is bad input (config, data, paths, flags): exit 2. `RunError` is a failure while running
 (non-finite loss, a model that cannot load): exit 1 (`forgetting gate` exits 3 instead, because its 1 means
-"regression"). Both carry a message that names the file, line or
+"regression"). `Preempted`: the run was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint to resume
+from: exit 75 (EX_TEMPFAIL, "try again"), for a scheduler to requeue. Both carry a message that names the file, line or
 field at fault; the CLI prints it without a traceback unless `--debug` is given.
 """
 
@@ -21,3 +22,10 @@ class RunError(HarnessError):
     """A failure while running that is not the user's input."""
 
     exit_code = 1
+
+
+class Preempted(HarnessError):
+    """Stopped on request (SIGTERM or SIGUSR1: a scheduler's preemption or time-limit warning) after saving a
+    checkpoint; rerunning the same command resumes from it."""
+
+    exit_code = 75

@@ -28,6 +28,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
@@ -45,7 +47,7 @@ from harness import last_layer, packing
 from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
 from harness.configlib import to_dict
 from harness.data import DataStats, load_conversations, tokenize_all
-from harness.errors import RunError, UserError
+from harness.errors import Preempted, RunError, UserError
 from harness.formats import Example, attach_format
 from harness.io import atomic_write_text, atomic_write_yaml, claim_run_dir
 from harness.job import TrainJob, comparable, upgrade_job
@@ -451,11 +453,13 @@ def train_loop(run: Run, on_step=None) -> None:
                 f"up to {t.micro_batch_tokens} tokens each",
                 flush=True,
             )
-        with closing(StepLog(run, on_step)) as log:
+        with closing(StepLog(run, on_step)) as log, StopRequests() as stop:
             for step in range(run.start, len(run.steps)):
                 numbers = train_step(run, step)
                 log(step, numbers)
                 maybe_checkpoint(run, step)
+                if stop.requested(run.accelerator) and step + 1 < len(run.steps):
+                    stop_with_checkpoint(run, step, stop.signal_name)
 
 
 def train_step(run: Run, step: int) -> StepNumbers:
@@ -560,6 +564,61 @@ class StepLog:
         self.progress.close()
         if self.board is not None:
             self.board.close()
+
+
+class StopRequests:
+    """While the loop runs, SIGTERM and SIGUSR1 (what Slurm sends before preemption or the time limit) ask it to
+    stop after the current step instead of dying mid-step; the previous handlers come back afterwards."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        self.signal_name = signal.Signals(number).name
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was asked to stop (all processes stop at the same step)."""
+        asked = torch.tensor([1.0 if self.signal_name else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            asked = accelerator.reduce(asked, reduction="sum")
+        return bool(asked.item())
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def stop_with_checkpoint(run: Run, step: int, signal_name: str | None) -> None:
+    """Save a resumable checkpoint after `step` (unless one was just saved) and raise Preempted."""
+    done = step + 1
+    if not (run.job.train.save_every and done % run.job.train.save_every == 0):
+        ckpt.save_checkpoint(
+            run.accelerator,
+            run.model,
+            run.tokenizer,
+            run.job,
+            run.output_dir,
+            f"checkpoint-{done:06d}",
+            state=(run.optimizer, run.scheduler),
+            extra={"step": done},
+        )
+        if run.is_main:
+            ckpt.prune_checkpoints(run.output_dir, max(1, run.job.train.keep_checkpoints))
+    raise Preempted(
+        f"stopped on {signal_name or 'a signal in another process'} after step {done} of {len(run.steps)}; "
+        f"checkpoint saved in {run.output_dir}; run the same command again to resume"
+    )
 
 
 def maybe_checkpoint(run: Run, step: int) -> None:

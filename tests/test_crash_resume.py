@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from harness.cli import main
 from tests.helpers import write
@@ -167,3 +168,35 @@ def test_an_atomic_write_killed_before_its_rename_leaves_the_old_file(tmp_path):
     assert target.read_text() == '{"old": true}\n'
     temp = [p for p in tmp_path.iterdir() if p.name != "results.json"]
     assert len(temp) == 1 and temp[0].name.startswith(".results.json.") and temp[0].stat().st_size > 100000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_ends_bitwise_equal(tmp_path, signal_name):
+    """What Slurm sends before preemption or the time limit: the run finishes its step, saves a checkpoint,
+    exits 75 (try again) with one line; the same command resumes and ends as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    def command(out):
+        args = ["model.name_or_path=tiny-random", "data.limit=32", "train.batch_size=4", "train.max_steps=30"]
+        args += ["train.lr=1e-3", "train.progress=false", f"output_dir={out}"]
+        return [sys.executable, "-m", "harness", "train", *args]
+
+    reference = subprocess.run(command(tmp_path / "ref"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    run = tmp_path / "stopped"
+    process = subprocess.Popen(command(run), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert f"stopped on {signal_name} after step" in message and "run the same command again" in message
+    assert [p.name for p in run.glob("checkpoint-*")] and not (run / "final").exists()
+    rerun = subprocess.run(command(run), env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "resuming from" in rerun.stdout, rerun.stderr[-2000:]
+    ours, theirs = (load_file(str(d / "final" / "model.safetensors")) for d in (run, tmp_path / "ref"))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
