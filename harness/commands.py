@@ -21,8 +21,9 @@ from harness.experiment import Experiment, Strategy, load_experiment
 from harness.formats import IGNORE_INDEX, attach_format
 from harness.io import atomic_write_text, cache_root
 from harness.job import TrainJob, load_job
+from harness.launchers import LAUNCHERS, Launch
 from harness.models import load_tokenizer
-from harness.pipeline import EXPERIMENT_FILE, report_run, run_experiment, status_table
+from harness.pipeline import EXPERIMENT_FILE, report_run, status_table
 from harness.plan import available_memory, estimate, render
 from harness.precision import compute_device_type
 from harness.train import train
@@ -155,16 +156,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.ray_cpus is not None and args.launcher != "ray":
+        raise UserError("--ray-cpus: only with --launcher ray")
     exp = load_experiment(args.config, args.overrides, quick=args.quick)
-    run_dir = run_experiment(exp, only=args.unit)
+    only = tuple(args.unit) if args.unit is not None else None
+    launch = Launch(args.config, tuple(args.overrides), args.quick, only, args.ray_cpus)
+    run_dir, code = LAUNCHERS[args.launcher](exp, launch)
     if run_dir is None:  # other processes still work on units of this run; the last of them writes the report
-        return 0
+        return code
     print(run_headline(run_dir))
     print(
         f"reports: {run_dir / 'reports' / 'report.html'} (and forgetting.md, instruction_following.md); "
         f"tidy table: {run_dir / 'results.csv'}"
     )
-    return 0
+    return code
 
 
 def cmd_report(args) -> int:

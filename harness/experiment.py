@@ -82,6 +82,11 @@ class Experiment:
     )
     keep_models: bool = knob(True, "keep each unit's final model (false: delete the weights once evaluated)")
     output_dir: str = knob("runs/experiment", "the run directory: results, reports, per-unit checkpoints and logs")
+    resources: dict[str, dict[str, Any]] = knob(
+        {},
+        "strategy name (or default) -> {cpus, gpus} each of its units asks a launcher for (--launcher ray), "
+        "e.g. {default: {cpus: 1}, lora: {gpus: 1}}; unset: 1 cpu, 0 gpus",
+    )
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -94,7 +99,25 @@ class Experiment:
             if names.count(name) > 1:
                 raise ValueError(f"strategies: the name {name!r} is used {names.count(name)} times")
         self.strategy_list = parsed
+        check_resources(self.resources, names)
         units(self)  # builds and validates every unit's job
+
+
+RESOURCES = ("cpus", "gpus")
+
+
+def check_resources(resources: dict, strategies: list[str]) -> None:
+    """`resources:` names `default` or a strategy, each with cpus and gpus as numbers >= 0 (ValueError otherwise)."""
+    for name, asks in resources.items():
+        if name != "default" and name not in strategies:
+            raise ValueError(f"resources.{name}: not a strategy; expected default or one of {', '.join(strategies)}")
+        if not isinstance(asks, dict):
+            raise ValueError(f"resources.{name}: expected a mapping like {{cpus: 1, gpus: 0}}, got {asks!r}")
+        for key, value in asks.items():
+            if key not in RESOURCES:
+                raise ValueError(f"resources.{name}.{key}: unknown; expected {' or '.join(RESOURCES)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"resources.{name}.{key}: expected a number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)

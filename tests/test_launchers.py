@@ -1,0 +1,132 @@
+"""`forgetting run --launcher`: the per-strategy `resources:` of an experiment, and the Ray launcher (a local Ray
+cluster) producing the very results and weights of the local launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import cli
+from harness.cli import main
+from harness.errors import UserError
+from harness.experiment import load_experiment
+from harness.launchers import LAUNCHERS, Launch, plan
+from tests.helpers import write
+from tests.test_experiment import experiment
+
+STRATEGIES = [
+    {"name": "lora", "mitigations": [{"name": "lora", "r": 4}]},
+    {"name": "low", "sweep": {"train.lr": [1.0e-3, 5.0e-4]}},
+]
+
+
+def test_the_cli_offers_every_launcher():
+    assert tuple(LAUNCHERS) == cli.LAUNCHERS
+
+
+def test_each_unit_asks_for_its_strategys_resources(tmp_path):
+    resources = {"default": {"cpus": 2}, "lora": {"gpus": 1}}
+    config = experiment(tmp_path, strategies=STRATEGIES, resources=resources)
+    work = plan(load_experiment(str(write(tmp_path, "exp.yaml", config))), None)
+    assert work["base"] == {"cpus": 2, "gpus": 0} == work["low__lr-0.001__seed0"]
+    assert work["lora__seed0"] == {"cpus": 2, "gpus": 1}
+    assert list(plan(load_experiment(str(write(tmp_path, "exp.yaml", config))), ("lora__seed0",))) == ["lora__seed0"]
+
+
+@pytest.mark.parametrize(
+    "resources, message",
+    [
+        ({"big": {"cpus": 1}}, "resources.big: not a strategy; expected default or one of lora, low"),
+        ({"lora": {"memory": 1}}, "resources.lora.memory: unknown; expected cpus or gpus"),
+        ({"lora": {"gpus": -1}}, "resources.lora.gpus: expected a number >= 0, got -1"),
+        ({"default": 2}, "resources.default: expected a mapping like {cpus: 1, gpus: 0}, got 2"),
+    ],
+)
+def test_bad_resources_are_one_line_errors(tmp_path, resources, message):
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path, strategies=STRATEGIES, resources=resources))
+    with pytest.raises(UserError) as err:
+        load_experiment(str(path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ray_cpus_needs_the_ray_launcher(tmp_path, capsys):
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path, strategies=STRATEGIES))
+    assert main(["run", str(path), "--ray-cpus", "2"]) == 2
+    assert "--ray-cpus: only with --launcher ray" in capsys.readouterr().err
+
+
+def _ray_processes() -> set[int]:
+    """The ids of this machine's Ray daemons and workers."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if entry.name.isdigit() and any(n in command for n in ("raylet", "gcs_server", "default_worker.py")):
+            found.add(int(entry.name))
+    return found
+
+
+def _run(tmp_path, name: str, *flags: str) -> subprocess.Popen:
+    config = experiment(
+        tmp_path, strategies=STRATEGIES, seeds=[0, 1], output_dir=str(tmp_path / name), resources={"lora": {"cpus": 1}}
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)  # a local cluster, started by the launcher
+    command = [sys.executable, "-m", "harness", "run", str(write(tmp_path, f"{name}.yaml", config)), *flags]
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Ray's processes through /proc")
+def test_the_ray_launcher_gives_the_local_launchers_results_and_weights(tmp_path):
+    """6 units (2 strategies, one swept over 2 learning rates, 2 seeds) + the base evaluation as Ray tasks on a
+    local 2-CPU cluster: the same results.csv and every unit's weights as `--launcher local`."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
+    before = _ray_processes()
+    processes = [_run(tmp_path, "by_ray", "--launcher", "ray", "--ray-cpus", "2"), _run(tmp_path, "by_local")]
+    codes = [p.wait(timeout=900) for p in processes]
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("by_ray", "by_local")}
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs.values())
+    assert "7/7)" in logs["by_ray"] and "reports:" in logs["by_ray"]
+    ray_run, local_run = tmp_path / "by_ray", tmp_path / "by_local"
+    assert (ray_run / "results.csv").read_text().replace("by_ray", "by_local") == (
+        local_run / "results.csv"
+    ).read_text()
+    unit_ids = sorted(p.name for p in (local_run / "units").iterdir())
+    assert len(unit_ids) == 6 and sorted(p.name for p in (ray_run / "units").iterdir()) == unit_ids
+
+    def fingerprint(run, unit):
+        return json.loads((run / "units" / unit / "eval.json").read_text())["forgetting"]["weights_fingerprint"]
+
+    assert [fingerprint(ray_run, u) for u in unit_ids] == [fingerprint(local_run, u) for u in unit_ids]
+    manifest = json.loads((ray_run / "manifest.json").read_text())
+    assert {r["status"] for r in manifest["units"].values()} == {"done"} and len(manifest["units"]) == 7
+    for _ in range(20):  # ray.shutdown() has stopped them; give them a moment to exit
+        if not _ray_processes() - before:
+            break
+        time.sleep(0.5)
+    assert not _ray_processes() - before, "Ray processes left running"
+
+
+@pytest.mark.slow
+def test_a_crashed_task_is_reported_per_unit_and_exits_1(tmp_path, capsys, monkeypatch):
+    """A unit's process that dies (here: its experiment file is gone) is named with the end of its output; the
+    launcher returns exit code 1 and writes no report."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path, strategies=STRATEGIES))
+    exp = load_experiment(str(path))
+    path.unlink()
+    run_dir, code = LAUNCHERS["ray"](exp, Launch(str(path), only=("base",), ray_cpus=1))
+    assert (run_dir, code) == (None, 1)
+    err = capsys.readouterr().err
+    assert "base: its process exited with 2; the end of its output:" in err and "exp.yaml" in err
