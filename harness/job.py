@@ -39,8 +39,13 @@ def upgrade_job(config: dict) -> dict:
     return dict(config, mitigations=upgrade_specs(config["mitigations"]))
 
 
+RESULT_FREE_TRAIN_KEYS = ("progress", "memory_check")
+RESULT_FREE_KEYS = ("resources",)  # an experiment's: what each unit asks a launcher for
+
+
 def comparable(config: dict, cls: type = TrainJob) -> dict:
-    """`config` as `cls` resolves it today, without the knobs that do not change results (the progress bar).
+    """`config` as `cls` resolves it today, without the knobs that do not change results (the progress bar, the
+    memory check, the resources a launcher asks for).
 
     Resolving first gives knobs added since a run was saved their defaults, so an older run still resumes; a
     saved config that no longer resolves (a removed knob) is compared as saved, and so differs.
@@ -49,4 +54,5 @@ def comparable(config: dict, cls: type = TrainJob) -> dict:
         config = to_dict(from_dict(cls, config))
     except (HarnessError, ValueError, TypeError):
         pass
-    return dict(config, train={k: v for k, v in config.get("train", {}).items() if k != "progress"})
+    kept = {k: v for k, v in config.items() if k not in RESULT_FREE_KEYS}
+    return dict(kept, train={k: v for k, v in config.get("train", {}).items() if k not in RESULT_FREE_TRAIN_KEYS})

@@ -13,7 +13,8 @@ import yaml
 
 from harness.cli import main
 from harness.configlib import to_dict
-from harness.experiment import load_experiment
+from harness.experiment import Experiment, load_experiment
+from harness.job import comparable, load_job
 from harness.records import Records
 from tests.helpers import write
 from tests.test_experiment import experiment
@@ -118,3 +119,12 @@ def test_units_run_one_at_a_time_and_the_last_writes_the_report(tmp_path, capsys
     assert {k: r["status"] for k, r in manifest["units"].items()} == dict.fromkeys(
         ["base", "naive__seed0", "lora__seed0"], "done"
     )
+
+
+def test_knobs_that_do_not_change_results_do_not_block_a_resume(tmp_path):
+    job = to_dict(load_job(None, []))
+    assert comparable(dict(job, train=dict(job["train"], memory_check=False, progress=False))) == comparable(job)
+    assert comparable(dict(job, train=dict(job["train"], lr=1e-3))) != comparable(job)
+    exp = to_dict(load_experiment(write(tmp_path, "exp.yaml", experiment(tmp_path)), []))
+    more = dict(exp, resources={"default": {"cpus": 2}})
+    assert comparable(more, Experiment) == comparable(exp, Experiment)
