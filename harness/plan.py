@@ -146,7 +146,9 @@ def _wrapped(job: TrainJob, model: torch.nn.Module) -> torch.nn.Module:
     """`model` through each mitigation's wrap_model, in config order, with a stand-in context (nothing written:
     lora's merge_on_export, which saves the base at wrap time and changes no training memory, is off here)."""
     specs = [dict(spec, merge_on_export=False) if spec.get("name") == "lora" else spec for spec in job.mitigations]
-    with tempfile.TemporaryDirectory(prefix="forgetting-plan-") as scratch:
+    # the random generators as they were: wrapping draws (LoRA's initialisation), and the run that checks its
+    # memory before loading must initialise its own adapters from the seeded state, as without the check
+    with tempfile.TemporaryDirectory(prefix="forgetting-plan-") as scratch, torch.random.fork_rng(devices=[]):
         accelerator = SimpleNamespace(
             is_main_process=False, device=torch.device("meta"), num_processes=1, process_index=0
         )

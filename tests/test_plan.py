@@ -238,3 +238,18 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, tokenizer):
     assert not output.exists()
     unchecked = run_cli(*args, "train.memory_check=false")  # past the check: loading finds no weights
     assert unchecked.returncode != 0 and "memory:" not in unchecked.stderr
+
+
+def test_the_memory_check_leaves_the_random_state_as_it_was(tmp_path):
+    """The check wraps a meta model through the mitigations (LoRA draws its initialisation): a run with it must
+    train what a run without it trains."""
+    from safetensors.torch import load_file
+
+    from harness.train import train
+    from tests.helpers import tiny_job
+
+    finals = []
+    for check in ("true", "false"):
+        job = tiny_job(tmp_path, "mitigations=[{name: lora, r: 4}]", f"train.memory_check={check}", name=check)
+        finals.append(load_file(str(train(job).final_dir / "adapter_model.safetensors")))
+    assert all(torch.equal(finals[0][name], finals[1][name]) for name in finals[1])
