@@ -603,18 +603,7 @@ def stop_with_checkpoint(run: Run, step: int, signal_name: str | None) -> None:
     """Save a resumable checkpoint after `step` (unless one was just saved) and raise Preempted."""
     done = step + 1
     if not (run.job.train.save_every and done % run.job.train.save_every == 0):
-        ckpt.save_checkpoint(
-            run.accelerator,
-            run.model,
-            run.tokenizer,
-            run.job,
-            run.output_dir,
-            f"checkpoint-{done:06d}",
-            state=(run.optimizer, run.scheduler),
-            extra={"step": done},
-        )
-        if run.is_main:
-            ckpt.prune_checkpoints(run.output_dir, max(1, run.job.train.keep_checkpoints))
+        save_resumable(run, done)
     raise Preempted(
         f"stopped on {signal_name or 'a signal in another process'} after step {done} of {len(run.steps)}; "
         f"checkpoint saved in {run.output_dir}; run the same command again to resume"
@@ -624,8 +613,12 @@ def stop_with_checkpoint(run: Run, step: int, signal_name: str | None) -> None:
 def maybe_checkpoint(run: Run, step: int) -> None:
     """Every `train.save_every` steps except the last (the final checkpoint follows): model and resume state."""
     t, done = run.job.train, step + 1
-    if not t.save_every or done % t.save_every or done == len(run.steps):
-        return
+    if t.save_every and done % t.save_every == 0 and done != len(run.steps):
+        save_resumable(run, done)
+
+
+def save_resumable(run: Run, done: int) -> None:
+    """`checkpoint-<done>`: the model (unless sharded) and the resume state; older ones pruned."""
     ckpt.save_checkpoint(
         run.accelerator,
         run.model,
@@ -637,7 +630,7 @@ def maybe_checkpoint(run: Run, step: int) -> None:
         extra={"step": done},
     )
     if run.is_main:
-        ckpt.prune_checkpoints(run.output_dir, max(1, t.keep_checkpoints))
+        ckpt.prune_checkpoints(run.output_dir, max(1, run.job.train.keep_checkpoints))
 
 
 # ---- finish

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from harness.job import load_job
 from harness.models import empty_model, load_model
 from harness.processes import adopt_slurm_tasks
 from harness.train import train
+from tests.test_distributed import free_port
 
 REPLAY = "Plain text about rivers and mountains.\n\nA second paragraph about the sea and ships.\n"
 BASE = [
@@ -56,12 +56,6 @@ CASES = {
     "freeze": "[{name: freeze, layers: [0, 0], embeddings: true}]",
     "replay": "[{name: replay, ratio: 0.3, data: {source: REPLAY}}]",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def overrides(tmp_path: Path, case: str, where: str, *extra: str) -> list[str]:
