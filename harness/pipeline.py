@@ -43,6 +43,7 @@ from harness.experiment import Experiment, Unit, load_saved_experiment, units, u
 from harness.io import atomic_write_json, cache_root, claim_run_dir
 from harness.job import comparable
 from harness.precision import resolve_eval_dtype, resolve_precision
+from harness.processes import Team
 from harness.progress import ExperimentProgress, Plan
 from harness.records import Progress as RecordProgress
 from harness.records import Records
@@ -267,21 +268,48 @@ def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | Non
     """The whole experiment, resumable, shareable by several processes (each unit is worked on by the one that
     claims it); `only`: just these units (`base`: the base evaluation), as a scheduler's job runs them. Returns the
     run directory when this process wrote the report, None when other units are not finished yet (the process
-    that finishes the last one writes it)."""
+    that finishes the last one writes it).
+
+    Started by torchrun or a multi-task srun step (a unit's training spread over its processes), the processes
+    form one team: rank 0 sets up, claims each unit, evaluates and writes; the others train each unit it claims
+    alongside it, and neither evaluate nor write."""
     run_dir = Path(exp.output_dir)
     unit_list = units(exp)
     unknown = sorted(set(only or []) - {"base", *(u.id for u in unit_list)})
     if unknown:
         valid = ", ".join(["base", *(u.id for u in unit_list)])
         raise UserError(f"--unit {unknown[0]}: not a unit of {exp.name}; valid: {valid}")
-    hashes = _preflight(exp, unit_list)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(run_dir / ".setup.lock"):  # processes starting together: one at a time through the setup
-        resuming = open_run_dir(exp, run_dir)
-        if resuming and (run_dir / "data_hashes.json").is_file():
-            check_same_data(json.loads((run_dir / "data_hashes.json").read_text()), hashes)
-        atomic_write_json(run_dir / "data_hashes.json", hashes)
-        chosen = _append_environment(run_dir, exp)["precision"]
+    team = Team()
+    problem = team.agree(_set_up, exp, run_dir, unit_list)
+    if problem is not None:  # the main process's one-line error, raised by every process
+        raise UserError(problem)
+    records = Records(run_dir)
+    progress = ExperimentProgress(work_plan(unit_list))
+    work = {"base": ("[base]", None)} | {
+        u.id: (f"[{i}/{len(unit_list)}] {u.id}", u) for i, u in enumerate(unit_list, 1)
+    }
+    for key, (label, unit) in work.items():
+        if (only is None or key in only) and team.agree(_take, key, label, unit, records, progress):
+            if team.main:
+                _work_on(exp, key, label, unit, records, progress)
+            elif unit is not None:
+                _train_along(unit)
+    return finish_run(run_dir, records, list(work)) if team.main else None
+
+
+def _set_up(exp: Experiment, run_dir: Path, unit_list: list[Unit]) -> str | None:
+    """Check the inputs, open (or resume) the run directory, record the environment; a UserError's message."""
+    try:
+        hashes = _preflight(exp, unit_list)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(run_dir / ".setup.lock"):  # processes starting together: one at a time through the setup
+            resuming = open_run_dir(exp, run_dir)
+            if resuming and (run_dir / "data_hashes.json").is_file():
+                check_same_data(json.loads((run_dir / "data_hashes.json").read_text()), hashes)
+            atomic_write_json(run_dir / "data_hashes.json", hashes)
+            chosen = _append_environment(run_dir, exp)["precision"]
+    except UserError as err:
+        return str(err)
     print(
         f"{'resuming' if resuming else 'starting'} {exp.name}: {len(unit_list)} units "
         f"({len(exp.strategy_list)} strategies x {len(exp.seeds)} seeds) in {run_dir}",
@@ -292,28 +320,25 @@ def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | Non
         f"{chosen['eval_dtype']} ({chosen['eval_reason']})",
         flush=True,
     )
-    records = Records(run_dir)
-    progress = ExperimentProgress(work_plan(unit_list))
-    work = {"base": ("[base]", None)} | {
-        u.id: (f"[{i}/{len(unit_list)}] {u.id}", u) for i, u in enumerate(unit_list, 1)
-    }
-    for key, (label, unit) in work.items():
-        if only is None or key in only:
-            _work_on(exp, key, label, unit, records, progress)
-    return finish_run(run_dir, records, list(work))
+    return None
 
 
-def _work_on(exp: Experiment, key: str, label: str, unit: Unit | None, records: Records, progress) -> None:
-    """Run unit `key` (None: the base evaluation) unless it is done or another process holds it."""
+def _take(key: str, label: str, unit: Unit | None, records: Records, progress) -> bool:
+    """Claim unit `key` (None: the base evaluation) unless it is done or another process holds it."""
     if records.done(key):
         if unit is not None:
             print(f"{label}: done earlier", flush=True)
         progress.unit_done(key)
-        return
+        return False
     if not records.claim(key):
         print(f"{label}: running in another process ({describe_place(records.read(key))})", flush=True)
         progress.unit_done(key)
-        return
+        return False
+    return True
+
+
+def _work_on(exp: Experiment, key: str, label: str, unit: Unit | None, records: Records, progress) -> None:
+    """Run claimed unit `key` (None: the base evaluation) and write its record."""
     run_dir = records.run_dir
     try:
         if unit is None:
@@ -329,6 +354,14 @@ def _work_on(exp: Experiment, key: str, label: str, unit: Unit | None, records: 
         records.update(key, **record)
     finally:  # a crash leaves the record `running` with no holder: the next claim resumes the unit
         records.release(key)
+
+
+def _train_along(unit: Unit) -> None:
+    """A process other than the main one: train its part of the unit; the main process records the outcome."""
+    try:
+        train(unit.job)
+    except RunError:  # every process stops on it (a non-finite loss is seen by all); the main one records it
+        pass
 
 
 def _evaluate_base(exp: Experiment, run_dir: Path, records: Records, progress) -> dict:

@@ -56,7 +56,7 @@ from harness.models import empty_model, load_model, load_tokenizer
 from harness.optim import default_param_groups, lr_factor, make_optimizer
 from harness.plan import check_fits
 from harness.precision import resolve_precision
-from harness.processes import adopt_slurm_tasks
+from harness.processes import accelerator_present, adopt_slurm_tasks
 from harness.sharding import compute_dtype, full, is_sharded, shard_model
 from mitigations import build_mitigations, chain, hook_results
 
@@ -90,12 +90,7 @@ def make_accelerator(job: TrainJob):
     adopt_slurm_tasks()  # srun's processes: the variables torchrun would have set
     precision, why = resolve_precision(job.train.precision)
     # cpu=True when no accelerator is present: that is what makes accelerate use gloo under torchrun
-    has_accelerator = (
-        torch.cuda.is_available()
-        or torch.backends.mps.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    )
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not has_accelerator)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not accelerator_present())
     if accelerator.is_main_process:
         print(f"precision: {precision} ({why})", flush=True)
     return accelerator

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from harness import cli
@@ -18,6 +19,7 @@ from harness.errors import UserError
 from harness.experiment import load_experiment
 from harness.launchers import LAUNCHERS, Launch, plan
 from tests.helpers import write
+from tests.test_distributed import free_port
 from tests.test_experiment import experiment
 
 STRATEGIES = [
@@ -130,3 +132,29 @@ def test_a_crashed_task_is_reported_per_unit_and_exits_1(tmp_path, capsys, monke
     assert (run_dir, code) == (None, 1)
     err = capsys.readouterr().err
     assert "base: its process exited with 2; the end of its output:" in err and "exp.yaml" in err
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_process_evaluates_and_writes(tmp_path):
+    """`forgetting run` started by torchrun with 2 processes: both train each unit (one process group), only the
+    first evaluates and writes (one environment entry, one evaluation per model in the records) and the results
+    are the single process's."""
+    # no adapter dropout: its masks are drawn per process, so 2 processes would draw other ones than 1
+    lora = {"name": "lora", "mitigations": [{"name": "lora", "r": 4, "dropout": 0.0}]}
+    config = experiment(tmp_path, strategies=[lora, {"name": "naive"}], output_dir=str(tmp_path / "two"))
+    path = write(tmp_path, "exp.yaml", config)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    two = subprocess.run(
+        [*launch, "-m", "harness", "run", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["run", str(path), f"output_dir={tmp_path / 'one'}"]) == 0
+    for run in ("two", "one"):
+        assert len(json.loads((tmp_path / run / "environment.json").read_text())) == 1
+        manifest = json.loads((tmp_path / run / "manifest.json").read_text())
+        assert [e["model"] for e in manifest["evaluations"]] == ["base", "lora__seed0/final", "naive__seed0/final"]
+    assert two.stdout.count("reports:") == 1 and two.stdout.count("[base]") == 1
+    by_two = pd.read_csv(tmp_path / "two" / "results.csv").drop(columns=["run"], errors="ignore")
+    by_one = pd.read_csv(tmp_path / "one" / "results.csv").drop(columns=["run"], errors="ignore")
+    pd.testing.assert_frame_equal(by_two, by_one, check_exact=False, atol=1e-6)
