@@ -22,6 +22,19 @@ def align(base: pd.DataFrame, seeds: list[pd.DataFrame]) -> pd.DataFrame:
     return table
 
 
+def resample_counts(n_docs: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each of n_docs documents is drawn in each bootstrap replicate (iters x n_docs): n_docs draws
+    with replacement, as a multinomial so a weighted mean over documents is one matrix product."""
+    return rng.multinomial(n_docs, np.full(n_docs, 1 / n_docs), size=iters)
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95, axis: int = 0):
+    """The percentile bootstrap interval (low, high) of replicates along `axis`."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(replicates, [tail, 100 - tail], axis=axis)
+    return low, high
+
+
 def paired_bootstrap(table: pd.DataFrame, iters: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Delta (after - base, seeds averaged) and relative delta, each with a percentile bootstrap CI."""
     after_cols = [c for c in table.columns if c.startswith("after_")]
@@ -35,17 +48,15 @@ def paired_bootstrap(table: pd.DataFrame, iters: int = 2000, seed: int = 0, leve
     after = per_doc[[f"w{c}" for c in after_cols]].to_numpy()
     point_base = base.sum() / weights.sum()
     point_delta = (after.sum(0) / weights.sum()).mean() - point_base
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(weights), np.full(len(weights), 1 / len(weights)), size=iters)
+    counts = resample_counts(len(weights), iters, np.random.default_rng(seed))
     w = counts @ weights
     b = (counts @ base) / w
     deltas = ((counts @ after) / w[:, None]).mean(1) - b
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = deltas / np.abs(b)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(deltas, [tail, 100 - tail])
+    low, high = percentile_interval(deltas, level)
     rel_ok = rel[np.isfinite(rel)]
-    rel_low, rel_high = np.percentile(rel_ok, [tail, 100 - tail]) if len(rel_ok) else (math.nan, math.nan)
+    rel_low, rel_high = percentile_interval(rel_ok, level) if len(rel_ok) else (math.nan, math.nan)
     return {
         "delta": float(point_delta),
         "ci_low": float(low),
