@@ -5,9 +5,9 @@
     forgetting data CONFIG.yaml [key=value ...]    data statistics and the first example with its loss mask
     forgetting plan CONFIG.yaml [--processes N] [key=value ...]   per-process memory under ddp and fsdp; what fits
     forgetting eval MODEL [--adapter DIR] [--tasks T1,T2] [--limit N]   lm-eval results JSON + table
-    forgetting run EXPERIMENT.yaml [key=value ...] [--quick] [--unit ID] [--launcher local|ray]   base eval,
-                                                    strategies x seeds, reports (resumes; --unit: one unit, for
-                                                    schedulers; --launcher ray: each unit a Ray task)
+    forgetting run EXPERIMENT.yaml [key=value ...] [--quick] [--unit ID] [--launcher local|ray|slurm]   base
+                                                    eval, strategies x seeds, reports (resumes; --unit: one unit,
+                                                    for schedulers; ray/slurm: each unit a Ray task/Slurm job)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
     forgetting status RUN_DIR                       each unit's state, where it runs, its step and last loss
     forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage,
@@ -25,7 +25,7 @@ import sys
 from harness.errors import HarnessError
 
 # the names of harness.launchers.LAUNCHERS (not imported here: it loads torch, which `--help` should not wait for)
-LAUNCHERS = ("local", "ray")
+LAUNCHERS = ("local", "ray", "slurm")
 FLAGS = "--debug shows tracebacks. Overrides are dotted keys, e.g. train.lr=1e-5 data.format=chatml."
 
 
@@ -79,7 +79,8 @@ def _add_run(add) -> None:
         choices=LAUNCHERS,
         default="local",
         help="local (default): this process runs the units; ray: each unit a Ray task in its own process "
-        "(RAY_ADDRESS: that cluster, else a local one), with the experiment's per-strategy resources",
+        "(RAY_ADDRESS: that cluster, else a local one); slurm: each unit a Slurm job through submitit, then a "
+        "report job; both with the experiment's per-strategy resources",
     )
     run.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
     run.add_argument(

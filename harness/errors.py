@@ -25,7 +25,7 @@ class RunError(HarnessError):
 
 
 class Preempted(HarnessError):
-    """Stopped on request (SIGTERM or SIGUSR1: a scheduler's preemption or time-limit warning) after saving a
+    """Stopped on request (SIGTERM, SIGUSR1 or SIGUSR2: a scheduler's preemption or time-limit warning) after saving a
     checkpoint; rerunning the same command resumes from it."""
 
     exit_code = 75

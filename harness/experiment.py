@@ -84,8 +84,10 @@ class Experiment:
     output_dir: str = knob("runs/experiment", "the run directory: results, reports, per-unit checkpoints and logs")
     resources: dict[str, dict[str, Any]] = knob(
         {},
-        "strategy name (or default) -> {cpus, gpus} each of its units asks a launcher for (--launcher ray), "
-        "e.g. {default: {cpus: 1}, lora: {gpus: 1}}; unset: 1 cpu, 0 gpus",
+        "strategy name (or default) -> what each of its units asks a launcher for (--launcher ray or slurm): "
+        "processes (that train it together; default 1), cpus and gpus per process (1, 0), and for Slurm nodes (1), "
+        "time (minutes; 240), partition, account and slurm (more sbatch options, e.g. {mem: 64G}); "
+        "e.g. {default: {cpus: 4, time: 120}, lora: {gpus: 1}}",
     )
 
     def __post_init__(self):
@@ -103,11 +105,25 @@ class Experiment:
         units(self)  # builds and validates every unit's job
 
 
-RESOURCES = ("cpus", "gpus")
+# what a unit's job may ask a launcher for: name -> (check, what it must be). cpus and gpus are per process.
+RESOURCES = {
+    "cpus": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "gpus": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "processes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "nodes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "time": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "minutes, an integer >= 1"),
+    "partition": (lambda v: isinstance(v, str) and v != "", "a partition name"),
+    "account": (lambda v: isinstance(v, str) and v != "", "an account name"),
+    "slurm": (lambda v: isinstance(v, dict), "a mapping of sbatch options, e.g. {mem: 64G, qos: high}"),
+}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_resources(resources: dict, strategies: list[str]) -> None:
-    """`resources:` names `default` or a strategy, each with cpus and gpus as numbers >= 0 (ValueError otherwise)."""
+    """`resources:` names `default` or a strategy, each a mapping of RESOURCES' names (ValueError otherwise)."""
     for name, asks in resources.items():
         if name != "default" and name not in strategies:
             raise ValueError(f"resources.{name}: not a strategy; expected default or one of {', '.join(strategies)}")
@@ -115,9 +131,10 @@ def check_resources(resources: dict, strategies: list[str]) -> None:
             raise ValueError(f"resources.{name}: expected a mapping like {{cpus: 1, gpus: 0}}, got {asks!r}")
         for key, value in asks.items():
             if key not in RESOURCES:
-                raise ValueError(f"resources.{name}.{key}: unknown; expected {' or '.join(RESOURCES)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"resources.{name}.{key}: expected a number >= 0, got {value!r}")
+                raise ValueError(f"resources.{name}.{key}: unknown; expected one of {', '.join(RESOURCES)}")
+            valid, expected = RESOURCES[key]
+            if not valid(value):
+                raise ValueError(f"resources.{name}.{key}: expected {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)

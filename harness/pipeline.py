@@ -38,7 +38,7 @@ from filelock import FileLock
 from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
 from harness.configlib import to_dict
 from harness.data import load_conversations
-from harness.errors import RunError, UserError
+from harness.errors import Preempted, RunError, UserError
 from harness.experiment import Experiment, Unit, load_saved_experiment, units, upgrade_experiment
 from harness.io import atomic_write_json, cache_root, claim_run_dir
 from harness.job import comparable
@@ -297,6 +297,14 @@ def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | Non
     return finish_run(run_dir, records, list(work)) if team.main else None
 
 
+def prepare_run(exp: Experiment) -> Path:
+    """What a launcher does before it queues any job: check the inputs, open (or resume) the run directory."""
+    problem = _set_up(exp, Path(exp.output_dir), units(exp))
+    if problem is not None:
+        raise UserError(problem)
+    return Path(exp.output_dir)
+
+
 def _set_up(exp: Experiment, run_dir: Path, unit_list: list[Unit]) -> str | None:
     """Check the inputs, open (or resume) the run directory, record the environment; a UserError's message."""
     try:
@@ -350,6 +358,9 @@ def _work_on(exp: Experiment, key: str, label: str, unit: Unit | None, records: 
             except RunError as err:  # e.g. a non-finite loss: this unit failed, the others go on
                 print(f"{label} failed: {err}", file=sys.stderr, flush=True)
                 record = {"status": "failed", "strategy": unit.strategy, "seed": unit.seed, "error": str(err)}
+            except Preempted as err:  # saved and stopped on a scheduler's signal: resumed by the next claim
+                records.update(key, status="preempted", error=str(err))
+                raise
             progress.unit_done(unit.id)
         records.update(key, **record)
     finally:  # a crash leaves the record `running` with no holder: the next claim resumes the unit

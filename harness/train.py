@@ -562,10 +562,11 @@ class StepLog:
 
 
 class StopRequests:
-    """While the loop runs, SIGTERM and SIGUSR1 (what Slurm sends before preemption or the time limit) ask it to
-    stop after the current step instead of dying mid-step; the previous handlers come back afterwards."""
+    """While the loop runs, SIGTERM, SIGUSR1 and SIGUSR2 (what Slurm sends before preemption or the time limit:
+    SIGTERM, or the signal of `--signal`, USR2 under submitit) ask it to stop after the current step instead of
+    dying mid-step; the previous handlers come back afterwards."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self):
         self.signal_name: str | None = None

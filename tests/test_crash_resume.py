@@ -171,7 +171,7 @@ def test_an_atomic_write_killed_before_its_rename_leaves_the_old_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGUSR2", "SIGTERM"])
 def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_ends_bitwise_equal(tmp_path, signal_name):
     """What Slurm sends before preemption or the time limit: the run finishes its step, saves a checkpoint,
     exits 75 (try again) with one line; the same command resumes and ends as an uninterrupted run."""

@@ -17,7 +17,7 @@ from harness import cli
 from harness.cli import main
 from harness.errors import UserError
 from harness.experiment import load_experiment
-from harness.launchers import LAUNCHERS, Launch, plan
+from harness.launchers import LAUNCHERS, SAVE_GRACE, SLURM_DEFAULTS, Launch, plan, slurm_options
 from tests.helpers import write
 from tests.test_distributed import free_port
 from tests.test_experiment import experiment
@@ -36,8 +36,8 @@ def test_each_unit_asks_for_its_strategys_resources(tmp_path):
     resources = {"default": {"cpus": 2}, "lora": {"gpus": 1}}
     config = experiment(tmp_path, strategies=STRATEGIES, resources=resources)
     work = plan(load_experiment(str(write(tmp_path, "exp.yaml", config))), None)
-    assert work["base"] == {"cpus": 2, "gpus": 0} == work["low__lr-0.001__seed0"]
-    assert work["lora__seed0"] == {"cpus": 2, "gpus": 1}
+    assert work["base"] == {"processes": 1, "cpus": 2, "gpus": 0} == work["low__lr-0.001__seed0"]
+    assert work["lora__seed0"] == {"processes": 1, "cpus": 2, "gpus": 1}
     assert list(plan(load_experiment(str(write(tmp_path, "exp.yaml", config))), ("lora__seed0",))) == ["lora__seed0"]
 
 
@@ -45,7 +45,10 @@ def test_each_unit_asks_for_its_strategys_resources(tmp_path):
     "resources, message",
     [
         ({"big": {"cpus": 1}}, "resources.big: not a strategy; expected default or one of lora, low"),
-        ({"lora": {"memory": 1}}, "resources.lora.memory: unknown; expected cpus or gpus"),
+        ({"lora": {"memory": 1}}, "resources.lora.memory: unknown; expected one of cpus, gpus, processes, nodes"),
+        ({"lora": {"processes": 0}}, "resources.lora.processes: expected an integer >= 1, got 0"),
+        ({"lora": {"time": "1h"}}, "resources.lora.time: expected minutes, an integer >= 1, got '1h'"),
+        ({"default": {"partition": ""}}, "resources.default.partition: expected a partition name, got ''"),
         ({"lora": {"gpus": -1}}, "resources.lora.gpus: expected a number >= 0, got -1"),
         ({"default": 2}, "resources.default: expected a mapping like {cpus: 1, gpus: 0}, got 2"),
     ],
@@ -158,3 +161,43 @@ def test_under_torchrun_one_process_evaluates_and_writes(tmp_path):
     by_two = pd.read_csv(tmp_path / "two" / "results.csv").drop(columns=["run"], errors="ignore")
     by_one = pd.read_csv(tmp_path / "one" / "results.csv").drop(columns=["run"], errors="ignore")
     pd.testing.assert_frame_equal(by_two, by_one, check_exact=False, atol=1e-6)
+
+
+def test_slurm_jobs_ask_for_their_strategys_resources(tmp_path):
+    """A unit's resources as submitit's Slurm parameters: processes as tasks per node, cpus and gpus per task,
+    time, partition, account and any other sbatch option; the defaults for the rest."""
+    resources = {
+        "default": {"cpus": 1.5, "time": 30, "partition": "gpu", "account": "lab"},
+        "lora": {"processes": 4, "nodes": 2, "gpus": 1, "slurm": {"mem": "64G", "qos": "high"}},
+    }
+    config = experiment(tmp_path, strategies=STRATEGIES, resources=resources)
+    work = plan(load_experiment(str(write(tmp_path, "exp.yaml", config))), None)
+    lora = slurm_options("lora__seed0", work["lora__seed0"])
+    assert lora == {
+        "job_name": "forgetting:lora__seed0",
+        "nodes": 2,
+        "ntasks_per_node": 2,
+        "cpus_per_task": 2,
+        "gpus_per_task": 1,
+        "time": 30,
+        "signal_delay_s": SAVE_GRACE + 10,
+        "additional_parameters": {"mem": "64G", "qos": "high"},
+        "partition": "gpu",
+        "account": "lab",
+    }
+    base = slurm_options("base", work["base"])
+    assert (base["nodes"], base["ntasks_per_node"], base["cpus_per_task"], base["time"]) == (1, 1, 2, 30)
+    assert "gpus_per_task" not in base
+    assert slurm_options("x", {"processes": 1, "cpus": 1, "gpus": 0})["time"] == SLURM_DEFAULTS["time"]
+
+
+@pytest.mark.parametrize(
+    "asks, message",
+    [
+        ({"processes": 3, "nodes": 2}, "u: resources processes=3 do not split evenly over nodes=2"),
+        ({"gpus": 0.5}, "u: resources gpus=0.5: Slurm allocates whole GPUs"),
+    ],
+)
+def test_slurm_refuses_resources_it_cannot_ask_for(asks, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        slurm_options("u", {"processes": 1, "cpus": 1, "gpus": 0} | asks)
