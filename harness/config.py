@@ -39,9 +39,10 @@ class ModelConfig:
 class DataConfig:
     path: str = knob(
         "builtin",
-        "JSONL/JSON/CSV/Parquet file, a datasets hub name, or 'builtin' (the generated record-extraction task)",
+        "JSONL/JSON/CSV/Parquet file, a datasets hub name, or a generated task: 'builtin' (record extraction, also "
+        "'builtin:records'), 'builtin:units', 'builtin:dates' or 'builtin:sentiment'",
     )
-    split: str = knob("train", "split to train on: for 'builtin' train or heldout; for a hub dataset its split name")
+    split: str = knob("train", "split to train on: train or heldout for the builtin tasks, a hub dataset's split name")
     schema: Literal["auto", "alpaca", "prompt_response", "messages"] = knob(
         "auto", "record layout; auto detects it from the first record's fields"
     )

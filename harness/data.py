@@ -1,10 +1,10 @@
 """SFT data: read records from files or the hub, map them to conversations, tokenize with response-only labels.
 
 Sources: local JSONL / JSON / CSV / Parquet, a `datasets` hub name or local dataset folder (with
-`data.split`), or `builtin` (the
-generated record-extraction task in `harness.builtin_task`). Layouts: Alpaca (`instruction`, `input`,
-`output`), prompt/response, and chat `messages` (multi-turn; loss on every assistant turn). Every problem
-is a one-line `UserError` naming the file and line (or row) and the field.
+`data.split`), or a generated built-in task: `builtin` (= `builtin:records`, record extraction in
+`harness.builtin_task`), `builtin:units`, `builtin:dates`, `builtin:sentiment` (`harness.builtin_<name>`).
+Layouts: Alpaca (`instruction`, `input`, `output`), prompt/response, and chat `messages` (multi-turn; loss on
+every assistant turn). Every problem is a one-line `UserError` naming the file and line (or row) and the field.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Iterator
 import datasets
 import pandas as pd
 
-from harness import builtin_task
+from harness import builtin_dates, builtin_sentiment, builtin_task, builtin_units
 from harness.config import DataConfig
 from harness.errors import UserError
 from harness.formats import Example, template_for, tokenize_conversation, truncate
 
 ROLES = ("system", "user", "assistant")
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+BUILTIN = {"records": builtin_task, "units": builtin_units, "dates": builtin_dates, "sentiment": builtin_sentiment}
 
 
 def _read_text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -109,11 +110,23 @@ def _read_hub(config: DataConfig) -> Iterator[tuple[dict, str]]:
         yield row, f"{config.path}[{config.split}] row {index + 1}"
 
 
+def builtin_module(path: str):
+    """The generator module of a `builtin` / `builtin:<name>` data.path (`builtin` is `builtin:records`), else None."""
+    if path != "builtin" and not path.startswith("builtin:"):
+        return None
+    name = "records" if path == "builtin" else path.removeprefix("builtin:")
+    if name not in BUILTIN:
+        valid = ", ".join(f"builtin:{n}" for n in BUILTIN)
+        raise UserError(f"data.path: unknown built-in task {path!r}; expected builtin or one of {valid}")
+    return BUILTIN[name]
+
+
 def read_rows(config: DataConfig) -> Iterator[tuple[dict, str]]:
     """(record, location) pairs from the configured source."""
-    if config.path == "builtin":
-        for index, row in enumerate(builtin_task.records(config.split)):
-            yield row, f"builtin[{config.split}] record {index + 1}"
+    module = builtin_module(config.path)
+    if module is not None:
+        for index, row in enumerate(module.records(config.split)):
+            yield row, f"{config.path}[{config.split}] record {index + 1}"
         return
     path = Path(config.path).expanduser()
     kind = FILE_TYPES.get(path.suffix.lower())

@@ -25,6 +25,24 @@ def load_target(**kwargs) -> datasets.DatasetDict:
     return _test_split(records("heldout"))
 
 
+def load_target_units(**kwargs) -> datasets.DatasetDict:
+    from harness.builtin_units import records
+
+    return _test_split(records("heldout"))
+
+
+def load_target_dates(**kwargs) -> datasets.DatasetDict:
+    from harness.builtin_dates import records
+
+    return _test_split(records("heldout"))
+
+
+def load_target_sentiment(**kwargs) -> datasets.DatasetDict:
+    from harness.builtin_sentiment import records
+
+    return _test_split(records("heldout"))
+
+
 def load_prose(**kwargs) -> datasets.DatasetDict:
     from evals.prose import PARAGRAPHS
 
@@ -39,6 +57,24 @@ def load_ifeval(**kwargs) -> datasets.DatasetDict:
 
 def score_target(doc: dict, results: list[str]) -> dict:
     from harness.builtin_task import score
+
+    return score(results[0], doc["response"])
+
+
+def score_target_units(doc: dict, results: list[str]) -> dict:
+    from harness.builtin_units import score
+
+    return score(results[0], doc["response"])
+
+
+def score_target_dates(doc: dict, results: list[str]) -> dict:
+    from harness.builtin_dates import score
+
+    return score(results[0], doc["response"])
+
+
+def score_target_sentiment(doc: dict, results: list[str]) -> dict:
+    from harness.builtin_sentiment import score
 
     return score(results[0], doc["response"])
 
