@@ -26,6 +26,7 @@ from harness.configlib import apply_overrides, from_dict, knob, load_config, rea
 from harness.errors import UserError
 from harness.job import TrainJob
 from mitigations import upgrade_axis, upgrade_specs
+from mitigations.general_data import GeneralData
 
 # The primary metric of each suite task: what the forgetting report compares (other tasks: their first metric).
 PRIMARY_METRICS = {
@@ -59,6 +60,22 @@ class Strategy:
 
 
 @dataclass
+class Stage:
+    """One SFT dataset of a sequence (continual SFT): trained from the previous stage's weights."""
+
+    name: str = knob(None, "label of the stage in reports and its directory (letters, digits, _ - .)")
+    data: dict[str, Any] = knob({}, "data keys of this stage, over the experiment's data, e.g. {path: builtin:units}")
+    train: dict[str, Any] = knob({}, "train keys of this stage only, e.g. {max_steps: 40}")
+    target_task: Optional[str] = knob(None, "the lm-eval task that measures this stage's skill (in eval.tasks)")
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
+            raise ValueError(f"name: expected letters, digits, _ - . (a directory name), got {self.name!r}")
+        if not isinstance(self.target_task, str) or not self.target_task:
+            raise ValueError("target_task: each stage needs the lm-eval task that measures it")
+
+
+@dataclass
 class Experiment:
     name: str = knob("experiment", "title of the reports")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the base model"})
@@ -89,6 +106,11 @@ class Experiment:
         "time (minutes; 240), partition, account and slurm (more sbatch options, e.g. {mem: 64G}); "
         "e.g. {default: {cpus: 4, time: 120}, lora: {gpus: 1}}",
     )
+    stages: list[dict[str, Any]] = knob(
+        [],
+        "continual SFT: an ordered list of stages (see Stage), each trained from the previous stage's weights and "
+        "evaluated on every stage's target_task and the suite; [] : one fine-tune on `data`",
+    )
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -102,7 +124,28 @@ class Experiment:
                 raise ValueError(f"strategies: the name {name!r} is used {names.count(name)} times")
         self.strategy_list = parsed
         check_resources(self.resources, names)
+        self.stage_list = [from_dict(Stage, s, f"stages[{i}]") for i, s in enumerate(self.stages)]
+        for strategy in parsed if not self.stage_list else ():
+            for spec in strategy.mitigations:
+                if (
+                    isinstance(spec, dict)
+                    and isinstance(spec.get("data"), dict)
+                    and spec["data"].get("source") == "stages"
+                ):
+                    raise ValueError(
+                        f"strategies ({strategy.name}): {spec.get('name')}.data.source: stages needs `stages:`"
+                    )
+        stage_names = [s.name for s in self.stage_list]
+        if len(set(stage_names)) != len(stage_names):
+            raise ValueError(f"stages: stage names must differ, got {stage_names}")
         units(self)  # builds and validates every unit's job
+
+    @property
+    def target_tasks(self) -> list[str]:
+        """The tasks that measure what the SFT teaches: each stage's, or the experiment's target_task."""
+        if self.stage_list:
+            return [s.target_task for s in self.stage_list]
+        return [self.target_task] if self.target_task is not None else []
 
 
 # what a unit's job may ask a launcher for: name -> (check, what it must be). cpus and gpus are per process.
@@ -146,7 +189,8 @@ class Unit:
     family: str  # the strategy's name before sweeping
     axes: dict  # sweep axis -> value for this variant
     seed: int
-    job: TrainJob
+    job: TrainJob  # the fine-tune (of a sequence: its first stage)
+    stage_jobs: tuple[TrainJob, ...] = ()  # a sequence's stages in order, each from the previous one's weights
 
 
 def _variants(strategy: Strategy) -> list[dict]:
@@ -165,9 +209,24 @@ def _unit_id(label: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", flat).strip("_") + f"__seed{seed}"
 
 
-def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_dir: str, where: str) -> TrainJob:
-    """The TrainJob of one unit: shared recipe + strategy overrides + sweep values + seed, validated."""
+def unit_job(
+    exp: Experiment,
+    strategy: Strategy,
+    axes: dict,
+    seed: int,
+    output_dir: str,
+    where: str,
+    stage: Stage | None = None,
+    after: str | None = None,
+    earlier: int = 0,
+) -> TrainJob:
+    """The TrainJob of one unit (or of one stage of it): shared recipe + the stage's keys + strategy overrides +
+    sweep values + seed, validated; `after`: the previous stage's output_dir, whose weights this stage continues."""
     data = {"model": to_dict(exp.model), "data": to_dict(exp.data), "train": to_dict(exp.train)}
+    if stage is not None:
+        for part in ("data", "train"):
+            for key, value in getattr(stage, part).items():
+                set_key(data, [part, *key.split(".")], value, f"stages.{stage.name}.{part}")
     mitigations = copy.deepcopy(strategy.mitigations)
     for key, value in strategy.overrides.items():  # unknown keys are refused (with a suggestion) by from_dict
         set_key(data, key.split("."), value, f"{where}.overrides")
@@ -187,7 +246,52 @@ def unit_job(exp: Experiment, strategy: Strategy, axes: dict, seed: int, output_
     data["train"]["seed"] = seed
     data["mitigations"] = mitigations
     data["output_dir"] = output_dir
+    if stage is not None:
+        data["mitigations"] = stage_mitigations(mitigations, after, output_dir, where, earlier)
+    if after is not None:  # the previous stage's weights, saved as a Hugging Face model directory
+        data["model"].update(name_or_path=continuation(after, mitigations), gguf_file=None, revision=None)
     return from_dict(TrainJob, data, where)
+
+
+def continuation(output_dir: str, mitigations: list[dict]) -> str:
+    """Where a stage trained into `output_dir` leaves the weights the next stage starts from: its final model,
+    the LoRA adapter merged into its base (`final/merged`: one adapter per stage), or the one WiSE-FT point."""
+    names = {m.get("name"): m for m in mitigations if isinstance(m, dict)}
+    if "lora" in names:
+        return f"{output_dir}/final/merged"
+    if "wise_ft" in names:
+        return f"{output_dir}/final/wise_ft_{names['wise_ft']['alphas'][0]:g}"
+    return f"{output_dir}/final"
+
+
+def stage_mitigations(mitigations: list[dict], after: str | None, output_dir: str, where: str, earlier: int) -> list:
+    """The mitigations of one stage: online EWC takes the Fisher accumulated over the earlier stages; replay of
+    `source: stages` draws from the buffer of earlier stages' examples (none at the first stage); WiSE-FT
+    interpolates within the stage and the next one continues from its single point."""
+    out = []
+    for spec in copy.deepcopy(mitigations):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name == "wise_ft" and len(spec.get("alphas", [0, 0])) != 1:
+            raise UserError(f"{where}: wise_ft in stages needs exactly one alpha (the point the next stage continues)")
+        if name == "lora":
+            spec["merge_on_export"] = True  # the next stage trains a new adapter on this one merged
+        if name == "ewc" and after is None:
+            spec.pop("online_decay", None)  # nothing earlier to decay at the first stage
+        if name == "ewc" and after is not None:  # F = decay * F(earlier stages) + F estimated at this stage's start
+            spec["fisher_path"] = f"{after}/ewc_fisher.safetensors"
+            spec.setdefault("online_decay", 1.0)
+        if name == "replay" and isinstance(spec.get("data"), dict) and spec["data"].get("source") == "stages":
+            if after is None:
+                continue  # the first stage has no earlier stage to replay
+            spec["data"] = dict(spec["data"], source=str(Path(output_dir).parent / REPLAY_BUFFER), kind="conversations")
+            # the whole buffer: `size` examples of each earlier stage (harness/pipeline.py writes it)
+            spec["data"]["size"] = spec["data"].get("size", GeneralData().size) * earlier
+        out.append(spec)
+    return out
+
+
+# a stage's replay buffer (replay with `data.source: stages`): examples of the earlier stages, beside its train/
+REPLAY_BUFFER = "replay_buffer.jsonl"
 
 
 def units(exp: Experiment) -> list[Unit]:
@@ -198,20 +302,31 @@ def units(exp: Experiment) -> list[Unit]:
             label = _label(strategy.name, axes)
             for seed in exp.seeds:
                 unit_id = _unit_id(label, seed)
-                job = unit_job(
-                    exp,
-                    strategy,
-                    axes,
-                    seed,
-                    f"{exp.output_dir}/units/{unit_id}/train",
-                    f"strategies[{i}] ({strategy.name})",
-                )
-                out.append(Unit(unit_id, label, strategy.name, axes, seed, job))
+                where = f"strategies[{i}] ({strategy.name})"
+                stage_jobs = _stage_jobs(exp, strategy, axes, seed, f"{exp.output_dir}/units/{unit_id}", where)
+                job = stage_jobs[0] if stage_jobs else None
+                if job is None:
+                    job = unit_job(exp, strategy, axes, seed, f"{exp.output_dir}/units/{unit_id}/train", where)
+                out.append(Unit(unit_id, label, strategy.name, axes, seed, job, tuple(stage_jobs)))
     ids = [u.id for u in out]
     for unit_id in ids:
         if ids.count(unit_id) > 1:
             raise UserError(f"strategies: two variants share the directory name {unit_id!r}; rename one")
     return out
+
+
+def stage_dir(unit_dir: str | Path, index: int, stage: Stage) -> Path:
+    """units/<id>/stages/<k>_<name>: a stage's training output (train/), evaluation and replay buffer."""
+    return Path(unit_dir) / "stages" / f"{index + 1}_{stage.name}"
+
+
+def _stage_jobs(exp: Experiment, strategy: Strategy, axes: dict, seed: int, unit_dir: str, where: str) -> list:
+    jobs, after = [], None
+    for k, stage in enumerate(exp.stage_list):
+        output_dir = str(stage_dir(unit_dir, k, stage) / "train")
+        jobs.append(unit_job(exp, strategy, axes, seed, output_dir, f"{where}, stage {stage.name}", stage, after, k))
+        after = output_dir
+    return jobs
 
 
 def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = False) -> Experiment:

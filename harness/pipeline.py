@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -39,8 +40,17 @@ from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
 from harness.configlib import to_dict
 from harness.data import load_conversations
 from harness.errors import Preempted, RunError, UserError
-from harness.experiment import Experiment, Unit, load_saved_experiment, units, upgrade_experiment
-from harness.io import atomic_write_json, cache_root, claim_run_dir
+from harness.experiment import (
+    REPLAY_BUFFER,
+    Experiment,
+    Unit,
+    continuation,
+    load_saved_experiment,
+    stage_dir,
+    units,
+    upgrade_experiment,
+)
+from harness.io import atomic_write_json, atomic_write_text, cache_root, claim_run_dir
 from harness.job import comparable
 from harness.precision import resolve_eval_dtype, resolve_precision
 from harness.processes import Team
@@ -134,8 +144,8 @@ def check_same_data(saved: dict, now: dict) -> None:
 def data_hashes(unit_list: list[Unit]) -> dict:
     """BLAKE2 of each distinct dataset the units train or are held out on; loading them validates the files."""
     out = {}
-    for unit in unit_list:
-        for role, config in (("train", unit.job.data), ("heldout", unit.job.data.heldout())):
+    for unit, job in ((unit, job) for unit in unit_list for job in unit.stage_jobs or (unit.job,)):
+        for role, config in (("train", job.data), ("heldout", job.data.heldout())):
             if config is None:
                 continue
             key = json.dumps(
@@ -264,6 +274,74 @@ def run_unit(
     }
 
 
+def run_sequence(
+    exp: Experiment,
+    unit: Unit,
+    run_dir: Path,
+    records: Records,
+    progress: ExperimentProgress | None = None,
+    label: str = "",
+) -> dict:
+    """Train a unit's stages in order, each from the previous stage's weights, and evaluate the model after each
+    (every stage's target task and the suite); a stage with its evaluation written is done (resume skips it)."""
+    unit_dir = run_dir / "units" / unit.id
+    started, trained, steps, heldout = time.perf_counter(), 0.0, 0, {}
+    for k, (stage, job) in enumerate(zip(exp.stage_list, unit.stage_jobs)):
+        where = stage_dir(unit_dir, k, stage)
+        records.update(unit.id, stage=k + 1, stages=len(unit.stage_jobs), stage_name=stage.name)
+        if (where / "eval.json").is_file():
+            continue
+        write_replay_buffer(job, unit.stage_jobs[:k], where / REPLAY_BUFFER)
+        print(f"{label}: stage {k + 1}/{len(unit.stage_jobs)} ({stage.name})", flush=True)
+        before = time.perf_counter()
+        result = train(job, on_step=_step_reporter(records, unit.id, progress, f"{label} {stage.name}"))
+        trained += time.perf_counter() - before
+        steps, heldout[stage.name] = steps + result.steps, result.heldout_loss
+        model_dir = continuation(job.output_dir, job.mitigations)
+        results = evaluate_model(exp, model_dir, records, unit.id, f"{unit.id}/{stage.name}")
+        atomic_write_json(where / "eval.json", results)
+    last = stage_dir(unit_dir, len(exp.stage_list) - 1, exp.stage_list[-1]) / "eval.json"
+    atomic_write_json(unit_dir / "eval.json", json.loads(last.read_text()))  # the final model: the last stage's
+    return {
+        "status": "done",
+        "strategy": unit.strategy,
+        "seed": unit.seed,
+        "steps": steps,
+        "train_seconds": round(trained, 1),
+        "eval_seconds": round(time.perf_counter() - started - trained, 1),
+        "variants": ["final"],
+        "heldout_loss": heldout,
+        "stages": [s.name for s in exp.stage_list],
+    }
+
+
+def _step_reporter(records: Records, key: str, progress, label: str):
+    in_record = RecordProgress(records, key)
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        in_record(done, total, loss)
+        if progress is not None:
+            progress.step(key, done, total, loss)
+
+    return on_step
+
+
+def write_replay_buffer(job, earlier: tuple, path: Path) -> None:
+    """Experience replay over stages: `size` examples drawn (seeded) from each earlier stage's SFT data, as the
+    conversations file the stage's replay mitigation reads (`data.source: stages`)."""
+    spec = next((m for m in job.mitigations if m.get("name") == "replay"), None)
+    if spec is None or not earlier or Path(spec["data"]["source"]) != path:
+        return
+    per_stage = spec["data"]["size"] // len(earlier)
+    rng = random.Random(spec.get("seed", 0))
+    rows = []
+    for index, stage_job in enumerate(earlier):
+        conversations = load_conversations(stage_job.data)
+        chosen = sorted(rng.sample(range(len(conversations)), min(per_stage, len(conversations))))
+        rows += [{"messages": conversations[i], "stage": index + 1} for i in chosen]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | None:
     """The whole experiment, resumable, shareable by several processes (each unit is worked on by the one that
     claims it); `only`: just these units (`base`: the base evaluation), as a scheduler's job runs them. Returns the
@@ -354,7 +432,8 @@ def _work_on(exp: Experiment, key: str, label: str, unit: Unit | None, records: 
         else:
             try:
                 with tee_output(run_dir / "units" / unit.id / "log.txt"):
-                    record = run_unit(exp, unit, run_dir, records, progress, label)
+                    run = run_sequence if unit.stage_jobs else run_unit
+                    record = run(exp, unit, run_dir, records, progress, label)
             except RunError as err:  # e.g. a non-finite loss: this unit failed, the others go on
                 print(f"{label} failed: {err}", file=sys.stderr, flush=True)
                 record = {"status": "failed", "strategy": unit.strategy, "seed": unit.seed, "error": str(err)}
@@ -443,7 +522,11 @@ def work_plan(unit_list: list[Unit]) -> Plan:
     for unit in unit_list:
         points = [m.get("alphas", WiseFTConfig().alphas) for m in unit.job.mitigations if m.get("name") == "wise_ft"]
         evaluations[unit.id] = 1 + sum(len(alphas) for alphas in points)
-    return Plan(steps={u.id: u.job.train.max_steps for u in unit_list}, evaluations=evaluations)
+    for unit in unit_list:
+        if unit.stage_jobs:  # an evaluation after each stage
+            evaluations[unit.id] = len(unit.stage_jobs)
+    steps = {u.id: sum(job.train.max_steps or 0 for job in u.stage_jobs or (u.job,)) or None for u in unit_list}
+    return Plan(steps=steps, evaluations=evaluations)
 
 
 def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
@@ -452,7 +535,13 @@ def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
     for task in exp.eval.subsample:
         if task not in leaves:
             raise UserError(f"eval.subsample: {task!r} is not one of the evaluated tasks ({', '.join(leaves)})")
-    if exp.target_task is not None and exp.target_task not in leaves:
+    for stage in exp.stage_list:
+        if stage.target_task not in leaves:
+            raise UserError(
+                f"stages ({stage.name}): target_task {stage.target_task!r} is not one of the evaluated tasks "
+                f"({', '.join(leaves)}); add it to eval.tasks"
+            )
+    if exp.target_task is not None and exp.target_task not in leaves and not exp.stage_list:
         raise UserError(
             f"target_task: {exp.target_task!r} is not one of the evaluated tasks ({', '.join(leaves)}); "
             f"add it to eval.tasks or set target_task: null"

@@ -123,7 +123,7 @@ def _benchmark_row(strategy, variant, group: pd.DataFrame, base_row, task, metri
         "metric": metric,
         "higher_is_better": hib,
         "proportion": proportion,
-        "target": task == exp.target_task,
+        "target": task in exp.target_tasks,
         "base": base,
         "after": after,
         "seeds": len(group),

@@ -25,6 +25,7 @@ from reports import plots
 from reports.forgetting import LOSS_TEXT, benchmark_table, strategy_table
 from reports.instruction import health_table, ifeval_table, instruction_types
 from reports.render import Section, interval, number, percent, to_html, to_markdown
+from reports.sequence import continual_sections
 from reports.tidy import build_tables
 
 
@@ -142,11 +143,14 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
     atomic_write_text(
         out / "instruction_following.md", to_markdown(f"Instruction-following report: {exp.name}", instruction, figures)
     )
+    stages, stage_figures = continual_sections(run_dir, exp, bootstrap_iters) if exp.stage_list else ([], {})
+    figures = figures | stage_figures
     sections = (
         [Section("Forgetting", level=2)]
         + [_demote(s) for s in forgetting]
         + [Section("Instruction following", level=2)]
         + [_demote(s) for s in instruction]
+        + stages
     )
     atomic_write_text(
         out / "report.html",
