@@ -144,7 +144,7 @@ def check_same_data(saved: dict, now: dict) -> None:
 def data_hashes(unit_list: list[Unit]) -> dict:
     """BLAKE2 of each distinct dataset the units train or are held out on; loading them validates the files."""
     out = {}
-    for unit, job in ((unit, job) for unit in unit_list for job in unit.stage_jobs or (unit.job,)):
+    for unit, job in ((u, job) for u in unit_list for job in u.stage_jobs or (u.job,)):
         for role, config in (("train", job.data), ("heldout", job.data.heldout())):
             if config is None:
                 continue
