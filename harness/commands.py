@@ -17,7 +17,7 @@ from evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse
 from harness.configlib import describe, from_dict, read_yaml, to_dict
 from harness.data import load_conversations, tokenize_all
 from harness.errors import HarnessError, UserError
-from harness.experiment import Experiment, Strategy, load_experiment
+from harness.experiment import Experiment, Stage, Strategy, load_experiment
 from harness.formats import IGNORE_INDEX, attach_format
 from harness.io import atomic_write_text, cache_root
 from harness.job import TrainJob, load_job
@@ -63,7 +63,7 @@ def cmd_config(args) -> int:
 
 
 def reference() -> str:
-    """Every knob as Markdown tables: a training job, an experiment, a strategy, each registered mitigation."""
+    """Every knob as Markdown tables: a training job, an experiment, a strategy, a stage, each mitigation."""
 
     def table(rows) -> list[str]:
         return ["| key | default | meaning |", "|---|---|---|"] + [
@@ -81,6 +81,7 @@ def reference() -> str:
     ]
     lines += table(row for row in describe(Experiment) if not row[0].startswith(job_sections))
     lines += ["", "### A strategy (an item of an experiment's `strategies`)", ""] + table(describe(Strategy))
+    lines += ["", "### A stage (an item of an experiment's `stages`: continual SFT)", ""] + table(describe(Stage))
     lines += [
         "",
         "### Mitigations (an item of `mitigations`: `{name: NAME, KNOB: value}`; a sweep axis is `NAME.KNOB`)",

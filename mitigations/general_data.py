@@ -8,6 +8,8 @@ draws the same examples in each:
     source: sft          the first `size` SFT examples, as tokenized for training (where a mitigation allows it)
     source: x.txt        plain text, blank-line separated; x.jsonl / x.json: each record's `text_field`
     source: NAME         a `datasets` name, streamed (`split`, `text_field`)
+    source: stages       replay in an experiment's `stages` (continual SFT): `size` examples drawn (seeded) from
+                         each earlier stage's SFT data (harness/pipeline.py writes the stage's buffer)
 
 With `kind: conversations` a file or datasets source is read as SFT conversations (any layout `data.path`
 accepts) and trained on its responses. Plain text gets full-sequence labels and an end-of-sequence target only
@@ -34,7 +36,8 @@ class GeneralData:
     source: str = knob(
         "self",
         "self (the base model's answers to general prompts), sft (the first SFT examples; "
-        "ewc only), a .txt/.jsonl file, or a datasets name",
+        "ewc only), a .txt/.jsonl file, a datasets name, or stages (replay in an experiment's stages: `size` "
+        "examples of each earlier stage)",
     )
     kind: Literal["text", "conversations"] = knob(
         "text", "file and datasets sources: plain text (full-sequence loss) or SFT conversations (response loss)"
@@ -74,6 +77,8 @@ def general_examples(data: GeneralData, model, ctx, cache_file: Path) -> tuple[l
     `cache_file`, read back on resume); plain text counts texts cut at max_seq_len.
     """
     tokenizer = ctx.tokenizer
+    if data.source == "stages":  # an experiment's stages replace it with the stage's buffer file
+        raise UserError("data.source: stages replays earlier stages of an experiment's `stages:` (forgetting run)")
     if data.source == "sft":
         return list(ctx.examples[: data.size]), {}
     if data.source == "self":
