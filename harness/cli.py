@@ -84,6 +84,11 @@ def _add_run(add) -> None:
     )
     run.add_argument("--ray-cpus", type=int, metavar="N", help="CPUs of the local Ray cluster (default: all)")
     run.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write the report even when the last unit finishes here (what the launchers' units run with)",
+    )
+    run.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 2 steps, 8 documents per task, the first seed, output_dir + '-quick'",

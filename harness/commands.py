@@ -159,9 +159,11 @@ def cmd_eval(args) -> int:
 def cmd_run(args) -> int:
     if args.ray_cpus is not None and args.launcher != "ray":
         raise UserError("--ray-cpus: only with --launcher ray")
+    if args.no_report and args.launcher != "local":
+        raise UserError(f"--no-report: only with --launcher local (the {args.launcher} launcher writes the report)")
     exp = load_experiment(args.config, args.overrides, quick=args.quick)
     only = tuple(args.unit) if args.unit is not None else None
-    launch = Launch(args.config, tuple(args.overrides), args.quick, only, args.ray_cpus)
+    launch = Launch(args.config, tuple(args.overrides), args.quick, only, args.ray_cpus, report=not args.no_report)
     run_dir, code = LAUNCHERS[args.launcher](exp, launch)
     if run_dir is None:  # other processes still work on units of this run; the last of them writes the report
         return code

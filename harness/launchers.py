@@ -52,16 +52,19 @@ class Launch:
     quick: bool = False
     only: tuple[str, ...] | None = None
     ray_cpus: int | None = None
+    report: bool = True  # False: leave the report to whoever launched this unit
 
     def unit_args(self, key: str) -> list[str]:
-        """`forgetting run` arguments that run unit `key` alone (the config path made absolute)."""
+        """`forgetting run` arguments that run unit `key` alone (the config path made absolute); the launcher
+        writes the report once all are done, so the unit's process does not."""
         quick = ["--quick"] if self.quick else []
-        return ["run", os.path.abspath(self.config), *self.overrides, *quick, "--unit", key]
+        return ["run", os.path.abspath(self.config), *self.overrides, *quick, "--unit", key, "--no-report"]
 
 
 def launch_local(exp: Experiment, launch: Launch) -> tuple[Path | None, int]:
     """Today's behaviour: this process runs the units in order (skipping those other processes hold)."""
-    return run_experiment(exp, only=list(launch.only) if launch.only is not None else None), 0
+    only = list(launch.only) if launch.only is not None else None
+    return run_experiment(exp, only=only, report=launch.report), 0
 
 
 def plan(exp: Experiment, only: tuple[str, ...] | None) -> dict[str, dict]:

@@ -342,7 +342,7 @@ def write_replay_buffer(job, earlier: tuple, path: Path) -> None:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | None:
+def run_experiment(exp: Experiment, only: list[str] | None = None, report: bool = True) -> Path | None:
     """The whole experiment, resumable, shareable by several processes (each unit is worked on by the one that
     claims it); `only`: just these units (`base`: the base evaluation), as a scheduler's job runs them. Returns the
     run directory when this process wrote the report, None when other units are not finished yet (the process
@@ -372,7 +372,9 @@ def run_experiment(exp: Experiment, only: list[str] | None = None) -> Path | Non
                 _work_on(exp, key, label, unit, records, progress)
             elif unit is not None:
                 _train_along(unit)
-    return finish_run(run_dir, records, list(work)) if team.main else None
+    if not (team.main and report):  # `report=False`: a launcher's unit; the launcher writes the report
+        return None
+    return finish_run(run_dir, records, list(work))
 
 
 def prepare_run(exp: Experiment) -> Path:

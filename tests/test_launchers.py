@@ -201,3 +201,16 @@ def test_slurm_jobs_ask_for_their_strategys_resources(tmp_path):
 def test_slurm_refuses_resources_it_cannot_ask_for(asks, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
         slurm_options("u", {"processes": 1, "cpus": 1, "gpus": 0} | asks)
+
+
+def test_a_launchers_unit_leaves_the_report_to_the_launcher(tmp_path, capsys):
+    """The launchers run each unit with --no-report: the process that finishes the last unit does not write the
+    report (the launcher does, once); without it, it does."""
+    path = write(tmp_path, "exp.yaml", experiment(tmp_path, strategies=[{"name": "naive"}]))
+    assert Launch(str(path)).unit_args("base")[-3:] == ["--unit", "base", "--no-report"]
+    assert main(["run", str(path), "--no-report"]) == 0
+    run = tmp_path / "run"
+    assert (run / "units" / "naive__seed0" / "eval.json").is_file() and not (run / "reports").exists()
+    assert main(["run", str(path)]) == 0 and (run / "reports" / "report.html").is_file()
+    assert main(["run", str(path), "--no-report", "--launcher", "ray"]) == 2
+    assert "--no-report: only with --launcher local" in capsys.readouterr().err
