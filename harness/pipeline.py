@@ -286,20 +286,27 @@ def run_sequence(
     (every stage's target task and the suite); a stage with its evaluation written is done (resume skips it)."""
     unit_dir = run_dir / "units" / unit.id
     started, trained, steps, heldout = time.perf_counter(), 0.0, 0, {}
+    total = sum(job.train.max_steps or 0 for job in unit.stage_jobs) or None  # None: epoch-based, learned later
     for k, (stage, job) in enumerate(zip(exp.stage_list, unit.stage_jobs)):
-        where = stage_dir(unit_dir, k, stage)
+        where, name = stage_dir(unit_dir, k, stage), f"{label} stage {k + 1}/{len(unit.stage_jobs)} ({stage.name})"
         records.update(unit.id, stage=k + 1, stages=len(unit.stage_jobs), stage_name=stage.name)
+        offset = sum(j.train.max_steps or 0 for j in unit.stage_jobs[:k])  # the unit's steps before this stage
         if (where / "eval.json").is_file():
             continue
         write_replay_buffer(job, unit.stage_jobs[:k], where / REPLAY_BUFFER)
-        print(f"{label}: stage {k + 1}/{len(unit.stage_jobs)} ({stage.name})", flush=True)
+        if progress is not None:
+            progress.training(unit.id, name)
         before = time.perf_counter()
-        result = train(job, on_step=_step_reporter(records, unit.id, progress, f"{label} {stage.name}"))
+        result = train(job, on_step=_step_reporter(records, unit.id, progress, offset, total))
         trained += time.perf_counter() - before
         steps, heldout[stage.name] = steps + result.steps, result.heldout_loss
+        if progress is not None:
+            progress.evaluating(unit.id, name, "its model")
         model_dir = continuation(job.output_dir, job.mitigations)
         results = evaluate_model(exp, model_dir, records, unit.id, f"{unit.id}/{stage.name}")
         atomic_write_json(where / "eval.json", results)
+        if progress is not None:
+            progress.evaluated(unit.id)
     last = stage_dir(unit_dir, len(exp.stage_list) - 1, exp.stage_list[-1]) / "eval.json"
     atomic_write_json(unit_dir / "eval.json", json.loads(last.read_text()))  # the final model: the last stage's
     return {
@@ -315,13 +322,15 @@ def run_sequence(
     }
 
 
-def _step_reporter(records: Records, key: str, progress, label: str):
+def _step_reporter(records: Records, key: str, progress, offset: int, unit_total: int | None):
+    """on_step for one stage: the unit's step counts (this stage's plus `offset`) in its record and progress."""
     in_record = RecordProgress(records, key)
 
     def on_step(done: int, total: int, loss: float) -> None:
-        in_record(done, total, loss)
+        of = unit_total if unit_total is not None else offset + total
+        in_record(offset + done, of, loss)
         if progress is not None:
-            progress.step(key, done, total, loss)
+            progress.step(key, offset + done, of, loss)
 
     return on_step
 
