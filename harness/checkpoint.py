@@ -5,6 +5,7 @@ Layout of `output_dir`:
     metrics.jsonl                 one line per logged step
     checkpoint-000040/            intermediate: model + tokenizer + config + state/ (optimizer, scheduler, RNG)
     final/                        the finished model + tokenizer + config + trainer_state.json (the run's summary)
+                                  + README.md, its model card (harness/card.py), and one in each model inside it
 A sharded (FSDP) run's intermediate checkpoints hold only state/: the model and optimizer shards as each
 process has them (torch.distributed.checkpoint, one file per process, no gather), the scheduler and every
 process's RNG; its final/ is consolidated (the shards gathered on the main process, written as HF safetensors).
@@ -27,11 +28,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from harness.card import write_cards
 from harness.configlib import to_dict
 from harness.io import atomic_write_json, atomic_write_yaml
 from harness.sharding import full_state_dict, is_sharded
 
 CONFIG_NAME = "forgetting_config.yaml"
+FINAL = "final"
 STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -128,6 +131,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(staging / "trainer_state.json", extra)
+        if name == FINAL:  # the finished model (and the ones `extras` exported inside it) get their model cards
+            write_cards(staging, output_dir=output_dir)
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)

@@ -10,6 +10,8 @@
                                                     for schedulers; ray/slurm: each unit a Ray task/Slurm job)
     forgetting report RUN_DIR                       regenerate a run's tables, plots and reports
     forgetting status RUN_DIR                       each unit's state, where it runs, its step and last loss
+    forgetting push RUN_DIR/units/ID [--repo NAME] [--private] [--dry-run]   upload a unit's final model (or
+                                                    adapter) with its model card to the Hugging Face Hub
     forgetting gate CANDIDATE --baseline B [--max-drop T=0.02] [--junit F]   exit 0 pass, 1 regression, 2 usage,
                                                     3 runtime failure (no verdict)
 
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--processes", type=int, default=1, help="processes the job will run on (default 1)")
     _add_run(add)
     _add_run_dir_commands(commands)
+    _add_push(commands)
     _add_gate(commands)
     _add_eval(commands)
     return parser
@@ -116,6 +119,23 @@ def _add_run_dir_commands(commands) -> None:
     status.add_argument("run_dir", help="the experiment's output_dir")
     status.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     status.set_defaults(command_name="status", config=None, overrides=[])
+
+
+def _add_push(commands) -> None:
+    push = commands.add_parser(
+        "push",
+        help="upload a unit's final model (or adapter) with its model card to the Hugging Face Hub",
+        description="Upload RUN_DIR/units/ID's final model (or LoRA adapter) with its README.md model card "
+        "(huggingface_hub: create_repo + upload_folder, with your token: `hf auth login` or HF_TOKEN). "
+        "--dry-run prints the files, repo and revision and uploads nothing.",
+        epilog=FLAGS,
+    )
+    push.add_argument("unit_dir", help="a unit of a run directory: RUN_DIR/units/ID")
+    push.add_argument("--repo", help="NAME or OWNER/NAME (default: <experiment name>-<unit id> in your namespace)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--dry-run", action="store_true", help="print the upload plan; upload nothing")
+    push.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    push.set_defaults(command_name="push", config=None, overrides=[])
 
 
 def _add_gate(commands) -> None:

@@ -16,9 +16,10 @@ from transformers.utils import logging as hf_logging
 from evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse_overwrite, save_results
 from harness.configlib import describe, from_dict, read_yaml, to_dict
 from harness.data import load_conversations, tokenize_all
-from harness.errors import HarnessError, UserError
+from harness.errors import HarnessError, RunError, UserError
 from harness.experiment import Experiment, Stage, Strategy, load_experiment
 from harness.formats import IGNORE_INDEX, attach_format
+from harness.hub import describe_plan, plan_push, push
 from harness.io import atomic_write_text, cache_root
 from harness.job import TrainJob, load_job
 from harness.launchers import LAUNCHERS, Launch
@@ -187,6 +188,24 @@ def cmd_status(args) -> int:
     if not (run_dir / EXPERIMENT_FILE).is_file():
         raise UserError(f"{run_dir}: not a run directory (no {EXPERIMENT_FILE})")
     print(status_table(run_dir))
+    return 0
+
+
+def cmd_push(args) -> int:
+    """Upload a unit's final model with its card, or (--dry-run) print what would be uploaded."""
+    plan = plan_push(Path(args.unit_dir), args.repo, args.private)
+    print(("upload plan (dry run: nothing uploaded)\n" if args.dry_run else "") + describe_plan(plan), flush=True)
+    if args.dry_run:
+        return 0
+    try:
+        url = push(plan)
+    except Exception as err:  # no token, no network, a refused name: one line, exit 1 (not a usage error)
+        if args.debug:
+            raise
+        raise RunError(
+            f"push to {plan.repo_id} failed: {str(err).strip().splitlines()[0] if str(err) else err!r}"
+        ) from err
+    print(f"pushed: {url}")
     return 0
 
 

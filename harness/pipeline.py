@@ -13,6 +13,8 @@ Layout of the run directory (`experiment.output_dir`):
     units/<id>/eval.json   lm-eval results of the unit's final model (eval_<variant>.json for WiSE-FT points)
     units/<id>/log.txt     everything the unit printed
     results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.writer.write_reports`
+    units/<id>/train/final/README.md (and one in each model inside final/)   the model card (harness/card.py),
+                           written at the end of training, refreshed with the report's rows (reports/cards.py)
 A rerun resumes: finished units are skipped, an interrupted unit continues from its last checkpoint,
 evaluations already done are read back from the result cache. A unit another process is working on is left to
 it; the process that finishes the last unit writes the report.
@@ -59,6 +61,7 @@ from harness.records import Progress as RecordProgress
 from harness.records import Records
 from harness.train import train
 from mitigations.wise_ft import WiseFTConfig
+from reports.cards import write_unit_cards
 from reports.writer import write_reports
 
 EXPERIMENT_FILE = "experiment.yaml"
@@ -517,14 +520,17 @@ def status_table(run_dir: Path) -> str:
 
 
 def report_run(run_dir: Path, keys: list[str] | None = None) -> Path:
-    """manifest.json rebuilt from the unit records, then every report (one process at a time)."""
+    """manifest.json rebuilt from the unit records, then every report and the units' model cards (one process at a
+    time)."""
     if not (run_dir / EXPERIMENT_FILE).is_file():
         return write_reports(run_dir)  # which says, in one line, that this is not a run directory
     if keys is None:
         keys = ["base"] + [u.id for u in units(load_saved_experiment(run_dir / EXPERIMENT_FILE))]
     with FileLock(run_dir / ".report.lock"):
         atomic_write_json(run_dir / "manifest.json", Records(run_dir).summary(keys))
-        return write_reports(run_dir)
+        write_reports(run_dir)
+        write_unit_cards(run_dir)  # each model's card gets its rows of the report (reports/cards.py)
+        return run_dir
 
 
 def work_plan(unit_list: list[Unit]) -> Plan:
