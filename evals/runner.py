@@ -26,9 +26,9 @@ import importlib.metadata
 import inspect
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 from unittest import mock
 
 import lm_eval
@@ -84,17 +84,49 @@ class EvalSettings:
     include_path: list[str] = knob([], "extra lm-eval task folders (Python hooks in them run: only your own)")
     bootstrap_iters: int = knob(1000, "bootstrap resamples for the stderr of non-mean metrics")
     seed: int = knob(1234, "lm-eval random seed (sampling, few-shot order)")
+    every: Optional[Union[int, list[int]]] = knob(
+        None,
+        "forgetting curves: also evaluate each unit during its training, every N optimizer steps or at the listed "
+        "steps, and always before the first step (0) and after the last; null: only after training",
+    )
+    curve_subsample: dict[str, int] = knob(
+        {},
+        "per task: documents evaluated at the curve's steps, spread evenly (tasks not listed: the final "
+        "evaluation's documents, so the last point equals it)",
+    )
 
     def __post_init__(self):
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be at least 1, got {self.limit}")
-        for task, n in self.subsample.items():
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                raise ValueError(f"subsample.{task}: expected a number of documents >= 1, got {n!r}")
+        for name, counts in (("subsample", self.subsample), ("curve_subsample", self.curve_subsample)):
+            for task, n in counts.items():
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                    raise ValueError(f"{name}.{task}: expected a number of documents >= 1, got {n!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        listed = self.every if isinstance(self.every, list) else [self.every] if self.every is not None else []
+        if not all(step >= 1 for step in listed):
+            raise ValueError(f"every: expected steps >= 1 (a number N or a list of steps), got {self.every!r}")
+        if isinstance(self.every, list) and (not listed or len(set(listed)) != len(listed)):
+            raise ValueError(f"every: expected a number N or a non-empty list of distinct steps, got {self.every!r}")
+
+    def curve_steps(self, total: int) -> list[int]:
+        """The steps a run of `total` optimizer steps is evaluated at for its curve: 0 (before training), every
+        N-th or the listed ones, and `total`; [] without `every`. A listed step past `total` is a UserError."""
+        if self.every is None:
+            return []
+        if isinstance(self.every, list):
+            beyond = [step for step in self.every if step > total]
+            if beyond:
+                raise UserError(f"eval.every: step {beyond[0]} is beyond the run's last step ({total})")
+            return sorted({0, *self.every, total})
+        return sorted({0, *range(self.every, total + 1, self.every), total})
+
+    def for_curve(self) -> EvalSettings:
+        """The settings of a curve point: the final evaluation's, with `curve_subsample` over `subsample`."""
+        return replace(self, subsample=self.subsample | self.curve_subsample, every=None, curve_subsample={})
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -206,6 +238,11 @@ def eval_context(model, tokenizer, settings: EvalSettings) -> dict:
     }
 
 
+# settings that do not change a task's score (its documents count through `subsample`, by task); the curve's
+# knobs are left out so that adding them changed no existing key
+NOT_IN_KEY = ("tasks", "include_path", "subsample", "every", "curve_subsample")
+
+
 def cache_key(fingerprint: str, task, settings: EvalSettings, context: dict, files: list[Path]) -> str:
     config = task.config.to_dict() if hasattr(task.config, "to_dict") else asdict(task.config)
     config = dict(config, metadata={k: v for k, v in (config.get("metadata") or {}).items() if k != "config_source"})
@@ -216,7 +253,7 @@ def cache_key(fingerprint: str, task, settings: EvalSettings, context: dict, fil
         "config": json.dumps(config, sort_keys=True, default=str),
         "docs": _docs_hash(task),
         "files": _hash_files(files),  # by content: the same tasks in another checkout keep their key
-        "settings": {k: v for k, v in asdict(settings).items() if k not in ("tasks", "include_path", "subsample")},
+        "settings": {k: v for k, v in asdict(settings).items() if k not in NOT_IN_KEY},
         "subsample": settings.subsample.get(task.config.task),
         "context": context,
     }

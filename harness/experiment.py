@@ -138,7 +138,7 @@ class Experiment:
         stage_names = [s.name for s in self.stage_list]
         if len(set(stage_names)) != len(stage_names):
             raise ValueError(f"stages: stage names must differ, got {stage_names}")
-        units(self)  # builds and validates every unit's job
+        check_curves(self.eval, units(self))  # builds and validates every unit's job, and the curve steps against it
 
     @property
     def target_tasks(self) -> list[str]:
@@ -191,6 +191,27 @@ class Unit:
     seed: int
     job: TrainJob  # the fine-tune (of a sequence: its first stage)
     stage_jobs: tuple[TrainJob, ...] = ()  # a sequence's stages in order, each from the previous one's weights
+
+
+def check_curves(settings: EvalSettings, unit_list: list[Unit]) -> None:
+    """`eval.every` against the units' training: listed steps within each job's train.max_steps (an epoch-based
+    job is checked when its step count is known), no sharded training (the model is evaluated in place), and
+    no stages (curves are recorded for one fine-tune per unit)."""
+    if settings.every is None:
+        return
+    for unit in unit_list:
+        if unit.stage_jobs:
+            raise ValueError("eval.every: forgetting curves are not recorded within the stages of a sequence yet")
+        t = unit.job.train
+        if t.distributed == "fsdp":
+            raise ValueError(
+                f"eval.every: not with train.distributed=fsdp (unit {unit.id}): a sharded model cannot be "
+                "evaluated in place yet"
+            )
+        listed = settings.every if isinstance(settings.every, list) else []  # every N: as many points as fit
+        beyond = [step for step in listed if t.max_steps is not None and step > t.max_steps]
+        if beyond:
+            raise ValueError(f"eval.every: step {beyond[0]} is beyond train.max_steps={t.max_steps} of unit {unit.id}")
 
 
 def _variants(strategy: Strategy) -> list[dict]:
@@ -336,6 +357,8 @@ def load_experiment(path: str | None, overrides: list[str] = (), quick: bool = F
     if not quick:
         return exp
     preset = [*QUICK_OVERRIDES, f"seeds=[{exp.seeds[0]}]", f"output_dir={exp.output_dir}-quick"]
+    if exp.eval.every is not None:  # the curve too, at its start and end (every: 2 of the 2 steps)
+        preset += ["eval.every=2", "eval.curve_subsample={}"]
     return load_config(Experiment, path, [*overrides, *preset])
 
 

@@ -11,6 +11,7 @@ Layout of the run directory (`experiment.output_dir`):
                            (harness/records.py: several `forgetting run` processes may share the directory)
     units/<id>/train/      the unit's training output_dir: metrics.jsonl, checkpoints, final/ (model or adapter)
     units/<id>/eval.json   lm-eval results of the unit's final model (eval_<variant>.json for WiSE-FT points)
+    units/<id>/curve.jsonl with eval.every: the unit evaluated during its training, one line per step (evals/curve.py)
     units/<id>/log.txt     everything the unit printed
     results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.writer.write_reports`
     units/<id>/train/final/README.md (and one in each model inside final/)   the model card (harness/card.py),
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from evals.curve import Curve, read_curve
 from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
 from harness.configlib import to_dict
 from harness.data import load_conversations
@@ -234,7 +236,7 @@ def run_unit(
     progress: ExperimentProgress | None = None,
     label: str = "",
 ) -> dict:
-    """Train (or resume) one unit, evaluate its final model and any WiSE-FT points; return its record."""
+    """Train (or resume) one unit (and its curve, with eval.every), evaluate its final model and any WiSE-FT points."""
     unit_dir = run_dir / "units" / unit.id
     started = time.perf_counter()
     if progress is not None:
@@ -246,7 +248,7 @@ def run_unit(
         if progress is not None:
             progress.step(unit.id, done, total, loss)
 
-    result = train(unit.job, on_step=on_step)
+    result = train(unit.job, on_step=on_step, eval_points=unit_curve(exp, unit_dir))
     trained = time.perf_counter()
     final = result.final_dir
     is_adapter = (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
@@ -274,7 +276,27 @@ def run_unit(
         "variants": sorted(variants),
         "heldout_loss": result.heldout_loss,
         "mitigation_reports": result.mitigation_reports,
+        **curve_record(unit_dir / CURVE_FILE),
     }
+
+
+CURVE_FILE = "curve.jsonl"
+
+
+def unit_curve(exp: Experiment, unit_dir: Path) -> Curve | None:
+    """The unit's forgetting curve with `eval.every` (its points in units/<id>/curve.jsonl), else None."""
+    if exp.eval.every is None:
+        return None
+    return Curve(exp.eval, unit_dir / CURVE_FILE, cache_dir=cache_root() / "eval")
+
+
+def curve_record(path: Path) -> dict:
+    """What the unit's record says of its curve: the steps evaluated and the seconds their evaluations took
+    (inside train_seconds)."""
+    points = read_curve(path)
+    if not points:
+        return {}
+    return {"curve_steps": [p["step"] for p in points], "curve_seconds": round(sum(p["seconds"] for p in points), 1)}
 
 
 def run_sequence(
@@ -552,6 +574,9 @@ def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
     for task in exp.eval.subsample:
         if task not in leaves:
             raise UserError(f"eval.subsample: {task!r} is not one of the evaluated tasks ({', '.join(leaves)})")
+    for task in exp.eval.curve_subsample:
+        if task not in leaves:
+            raise UserError(f"eval.curve_subsample: {task!r} is not one of the evaluated tasks ({', '.join(leaves)})")
     for stage in exp.stage_list:
         if stage.target_task not in leaves:
             raise UserError(

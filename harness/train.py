@@ -4,14 +4,21 @@
                                         -> optimizer (+ a mitigation's param_groups) + LR schedule + step plan
     resume(run)                         newest complete checkpoint; metrics.jsonl cut back to its step, or
                                         started with the held-out loss at step 0
-    train_loop(run, on_step)            with the model patched (packed attention, last layer where logits are
-                                        taken), undone however the loop ends:
+    train_loop(run, on_step, eval_points)   with the model patched (packed attention, last layer where logits
+                                        are taken), undone however the loop ends and while it is evaluated:
         for step in range(start, total):
             numbers = train_step(run, step)   micro-batches -> summed response loss / step's target tokens
                                               (+ penalties) -> backward -> penalty_grad -> clip -> AdamW -> LR
             log(step, numbers)                `StepLog`: metrics.jsonl, tensorboard, progress bar, on_step
+            evaluate_at(run, step + 1, ...)   a forgetting curve's point, if `eval_points` asks for this step
             maybe_checkpoint(run, step)
     finish(run) -> TrainResult          mitigations' reports, held-out loss after, final checkpoint + summary
+
+Evaluations during training (`eval_points`, forgetting curves) run on the main process on the model in memory,
+in eval mode under no_grad with the speed patches off, compiled code run eagerly and the random generators put
+back afterwards, so the training is bitwise the same with and without them; the other processes of a DDP run go
+on to the next step's collective and wait there. A sharded (FSDP) model is refused: every process would have to
+take part in each forward.
 
 Runs on `accelerate`: `torchrun` / `accelerate launch` / `srun` give DDP with the same global batch (each
 process takes a share of every step; the loss is normalised by the step's global token count, so the
@@ -27,15 +34,18 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import threading
 import time
-from contextlib import closing, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -206,32 +216,45 @@ def finished_run(job: TrainJob, output_dir: Path) -> bool:
     return existing and (output_dir / "final" / "trainer_state.json").is_file()
 
 
-def train(job: TrainJob, accelerator=None, on_step=None) -> TrainResult:
+class EvalPoints(Protocol):
+    """Evaluations during training (a forgetting curve): `steps(total)` names the optimizer steps to evaluate after
+    (0: before the first), `__call__` evaluates the model there; both on the main process only."""
+
+    def steps(self, total: int) -> Iterable[int]: ...
+
+    def __call__(self, step: int, model, tokenizer, heldout_loss: float | None) -> None: ...
+
+
+def train(job: TrainJob, accelerator=None, on_step=None, eval_points: EvalPoints | None = None) -> TrainResult:
     """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible.
 
     `on_step(done, total, loss)` is called on the main process after each optimizer step (progress display).
+    `eval_points(step, model, tokenizer, heldout_loss)` is called on the main process after each step that
+    `eval_points.steps(total)` names, and before the first (step 0) when it is named and the run starts from
+    scratch, with the unwrapped model in eval mode and the held-out loss there (None without a held-out split);
+    the training is bitwise the same as without it (module docstring). A finished run calls neither.
 
     Without an `accelerator` the job makes its own, and leaves none of its settings behind: accelerate keeps
     process-wide state (the mixed precision) that would otherwise refuse the next job's or leak into it
     (an experiment trains its units one after another in one process). The process group, if any, is kept.
     """
     if accelerator is not None:
-        return _train(job, accelerator, on_step)
+        return _train(job, accelerator, on_step, eval_points)
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return _train(job, make_accelerator(job), on_step)
+        return _train(job, make_accelerator(job), on_step, eval_points)
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _train(job: TrainJob, accelerator, on_step=None) -> TrainResult:
+def _train(job: TrainJob, accelerator, on_step=None, eval_points: EvalPoints | None = None) -> TrainResult:
     if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     if finished_run(job, Path(job.output_dir)):
         return _finished_result(Path(job.output_dir), accelerator.is_main_process)
     run = setup(job, accelerator)
     resume(run)
-    train_loop(run, on_step)
+    train_loop(run, on_step, eval_points)
     return finish(run)
 
 
@@ -258,6 +281,8 @@ class Run:
     padded_tokens: int = 0  # this process's micro-batch tokens so far, padding included
     real_tokens: int = 0
     last: StepNumbers | None = None  # the latest step's numbers
+    heldout_at_start: float | None = None  # the held-out loss before the first step (a run from scratch)
+    eval_steps: frozenset[int] = frozenset()  # the steps evaluated after (eval_points; main process)
 
     @property
     def start(self) -> int:
@@ -422,6 +447,7 @@ def resume(run: Run) -> None:
     loss = None
     if run.heldout is not None and run.start == 0 and (run.is_main or is_sharded(run.model)):
         loss = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
+    run.heldout_at_start = loss
     if not run.is_main:
         return
     lines = run.metrics_path.read_text().splitlines() if run.metrics_path.exists() else []
@@ -434,27 +460,92 @@ def resume(run: Run) -> None:
 # ---- the loop
 
 
-def train_loop(run: Run, on_step=None) -> None:
+def train_loop(run: Run, on_step=None, eval_points: EvalPoints | None = None) -> None:
     """Every optimizer step from `run.start` on, with the model patched for speed only while they run (the
-    patches are undone however the loop ends)."""
+    patches are undone however the loop ends, and while an evaluation runs); `eval_points` evaluates after the
+    steps it names, before that step's checkpoint (a run killed while evaluating redoes the point)."""
     t = run.job.train
     model = run.accelerator.unwrap_model(run.model)
     run.packed = use_packing(t, model, run.accelerator.device)
-    # exact: the last layer's MLP and output projection run only where a logit is taken (harness.last_layer)
-    with packing.packed_attention_on(model) if run.packed else nullcontext(), last_layer.only_where_logits(model):
-        if run.is_main:
-            print(
-                f"micro-batches: {'packed, no padding' if run.packed else 'padded'} (train.packing={t.packing}), "
-                f"up to {t.micro_batch_tokens} tokens each",
-                flush=True,
-            )
-        with closing(StepLog(run, on_step)) as log, StopRequests() as stop:
-            for step in range(run.start, len(run.steps)):
-                numbers = train_step(run, step)
-                log(step, numbers)
-                maybe_checkpoint(run, step)
-                if stop.requested(run.accelerator) and step + 1 < len(run.steps):
-                    stop_with_checkpoint(run, step, stop.signal_name)
+    if eval_points is not None and is_sharded(run.model):
+        raise UserError("eval.every: a sharded model (train.distributed=fsdp) cannot be evaluated in place yet")
+    if eval_points is not None and run.is_main:
+        run.eval_steps = frozenset(eval_points.steps(len(run.steps)))
+    if run.is_main:
+        print(
+            f"micro-batches: {'packed, no padding' if run.packed else 'padded'} (train.packing={t.packing}), "
+            f"up to {t.micro_batch_tokens} tokens each",
+            flush=True,
+        )
+    with SpeedPatches(model, run.packed) as patches, closing(StepLog(run, on_step)) as log, StopRequests() as stop:
+        if run.start == 0:
+            evaluate_at(run, 0, eval_points, patches)
+        for step in range(run.start, len(run.steps)):
+            numbers = train_step(run, step)
+            log(step, numbers)
+            evaluate_at(run, step + 1, eval_points, patches)
+            maybe_checkpoint(run, step)
+            if stop.requested(run.accelerator) and step + 1 < len(run.steps):
+                stop_with_checkpoint(run, step, stop.signal_name)
+
+
+class SpeedPatches:
+    """The model's patches for training speed while the loop runs: packed attention (when micro-batches are
+    packed) and, exact, the last layer's MLP and output projection only where a logit is taken
+    (harness.last_layer). `off()` lifts them for a block: an evaluation sees the model as it is saved."""
+
+    def __init__(self, model, packed: bool):
+        self.model, self.packed, self.undo = model, packed, []
+
+    def __enter__(self) -> SpeedPatches:
+        self.undo = ([packing.enable(self.model)] if self.packed else []) + [last_layer.enable(self.model)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
+
+def evaluate_at(run: Run, done: int, eval_points: EvalPoints | None, patches: SpeedPatches) -> None:
+    """`eval_points` at step `done` (0: before the first) when it asks for it, on the main process: the unwrapped
+    model in eval mode under no_grad, unpatched, compiled code run eagerly (no recompiling for new shapes), and
+    the random generators as they were (lm-eval seeds them), so the training goes on exactly as without it."""
+    if done not in run.eval_steps:
+        return
+    model = run.accelerator.unwrap_model(run.model)
+    with patches.off(), random_state_kept(), torch.compiler.set_stance("force_eager"), torch.no_grad():
+        loss = run.heldout_at_start if done == 0 else None
+        if done and run.heldout is not None:
+            loss = heldout_loss(run.accelerator, run.model, run.heldout, run.tokenizer, run.job.train)
+        model.eval()
+        try:
+            eval_points(done, model, run.tokenizer, loss)
+        finally:
+            model.train()
+
+
+@contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's global random generators (CPU and every CUDA device) as they were before the
+    block, whatever it seeded or drew."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def train_step(run: Run, step: int) -> StepNumbers:

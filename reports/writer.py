@@ -7,6 +7,7 @@ Writes, atomically, into RUN_DIR:
     examples.parquet                                per-example scores (paired statistics)
     reports/forgetting.md, reports/instruction_following.md, reports/report.html (self-contained),
     reports/summary.json (both reports' tables), reports/*.png, reports/experiment.yaml
+    curves.csv                                      with eval.every: the forgetting curves' scores (reports/curves.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from harness.errors import UserError
 from harness.experiment import load_saved_experiment
 from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from reports import plots
+from reports.curves import curve_sections
 from reports.forgetting import LOSS_TEXT, benchmark_table, strategy_table
 from reports.instruction import health_table, ifeval_table, instruction_types
 from reports.render import Section, interval, number, percent, to_html, to_markdown
@@ -133,8 +135,9 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
     benchmarks = benchmark_table(scores, examples, exp, iters=bootstrap_iters)
     summary = strategy_table(benchmarks, scores, exp)
     ifeval, types, health = ifeval_table(scores), instruction_types(examples), health_table(scores)
-    figures = _write_figures(run_dir, benchmarks, summary, unit_table)
-    forgetting = _forgetting_sections(summary, benchmarks, unit_table)
+    curves, curve_figures, curve_changes = curve_sections(run_dir, exp, bootstrap_iters)
+    figures = _write_figures(run_dir, benchmarks, summary, unit_table) | curve_figures
+    forgetting = _forgetting_sections(summary, benchmarks, unit_table, curves)
     instruction = _instruction_sections(ifeval, types, health)
     out = run_dir / "reports"
     config_text = (run_dir / "experiment.yaml").read_text()
@@ -165,6 +168,7 @@ def write_reports(run_dir: Path, bootstrap_iters: int = 2000) -> Path:
             "instruction_types": _records(types),
             "format_health": _records(health),
             "units": _records(unit_table),
+            "curves": _records(curve_changes),
         },
     )
     return run_dir
@@ -196,7 +200,9 @@ def _write_figures(
     return figures
 
 
-def _forgetting_sections(summary: pd.DataFrame, benchmarks: pd.DataFrame, unit_table: pd.DataFrame) -> list[Section]:
+def _forgetting_sections(
+    summary: pd.DataFrame, benchmarks: pd.DataFrame, unit_table: pd.DataFrame, curves: list[Section] | None = None
+) -> list[Section]:
     failed = unit_table[unit_table["status"] != "done"] if not unit_table.empty else unit_table
     forgetting = [
         Section(
@@ -226,6 +232,7 @@ def _forgetting_sections(summary: pd.DataFrame, benchmarks: pd.DataFrame, unit_t
         if not summary.empty and (summary["variant"] != "final").any()
         else None,
         Section("Training", "Loss per optimizer step.", None, "loss.png"),
+        *(curves or []),  # forgetting over training (eval.every)
         Section(
             "Units",
             "Failed units are listed with their error and left out of every table above."
