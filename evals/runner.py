@@ -56,6 +56,7 @@ from harness.models import (
 )
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+HUB_TASKS_DIR = Path(__file__).parent / "hub_tasks"  # groups of lm-eval's own tasks, indexed only beside them
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the `evals` and `harness` packages
 PROJECT_PACKAGES = ("evals", "harness")
 VERSIONED = ("torch", "transformers", "lm_eval", "peft", "nltk")  # packages whose code computes a score
@@ -144,7 +145,7 @@ def task_manager(settings: EvalSettings):
     own = TaskManager(include_path=paths, include_defaults=False)  # indexing lm-eval's own tasks takes ~6 s
     if all(name in own.all_tasks for name in settings.tasks):
         return own
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=[*paths, str(HUB_TASKS_DIR)])
 
 
 def leaf_tasks(manager, names: list[str]) -> dict[str, Any]:

@@ -42,7 +42,17 @@ class DataConfig:
         "JSONL/JSON/CSV/Parquet file, a datasets hub name, or a generated task: 'builtin' (record extraction, also "
         "'builtin:records'), 'builtin:units', 'builtin:dates' or 'builtin:sentiment'",
     )
+    name: Optional[str] = knob(
+        None,
+        "a datasets hub name's or dataset folder's config (subset), as in datasets.load_dataset(path, name), e.g. "
+        "main for openai/gsm8k; also the held-out split's when it comes from data.path",
+    )
     split: str = knob("train", "split to train on: train or heldout for the builtin tasks, a hub dataset's split name")
+    streaming: bool = knob(
+        False,
+        "a datasets hub name or dataset folder: read records as they arrive instead of downloading and preparing "
+        "the whole split first (with data.limit only that many are read)",
+    )
     schema: Literal["auto", "alpaca", "prompt_response", "messages"] = knob(
         "auto", "record layout; auto detects it from the first record's fields"
     )
@@ -76,9 +86,9 @@ class DataConfig:
         """The config of the held-out split, or None when none is configured."""
         if self.eval_split is None:
             return None
-        return replace(
-            self, path=self.eval_path or self.path, split=self.eval_split, limit=self.eval_limit, eval_split=None
-        )
+        path = self.eval_path or self.path
+        name = self.name if path == self.path else None  # a config name belongs to its dataset
+        return replace(self, path=path, name=name, split=self.eval_split, limit=self.eval_limit, eval_split=None)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """SFT data: read records from files or the hub, map them to conversations, tokenize with response-only labels.
 
 Sources: local JSONL / JSON / CSV / Parquet, a `datasets` hub name or local dataset folder (with
-`data.split`), or a generated built-in task: `builtin` (= `builtin:records`, record extraction in
-`harness.builtin_task`), `builtin:units`, `builtin:dates`, `builtin:sentiment` (`harness.builtin_<name>`).
+`data.split`, its config `data.name`, and `data.streaming` to read only the records used), or a generated
+built-in task: `builtin` (= `builtin:records`, record extraction in `harness.builtin_task`), `builtin:units`,
+`builtin:dates`, `builtin:sentiment` (`harness.builtin_<name>`).
 Layouts: Alpaca (`instruction`, `input`, `output`), prompt/response, and chat `messages` (multi-turn; loss on
 every assistant turn). Every problem is a one-line `UserError` naming the file and line (or row) and the field.
 """
@@ -100,14 +101,29 @@ def _plain(value):
 
 
 def _read_hub(config: DataConfig) -> Iterator[tuple[dict, str]]:
+    """Rows of a hub dataset or local dataset folder; streamed, only as many are read as the caller takes."""
+    label = f"{config.path}:{config.name}" if config.name else config.path
     try:
-        dataset = datasets.load_dataset(config.path, split=config.split)
-    except Exception as err:  # offline, missing, no such split
-        raise UserError(
-            f"data.path: cannot load {config.path!r} (split {config.split!r}) with datasets: {str(err).splitlines()[0]}"
-        ) from None
+        dataset = datasets.load_dataset(config.path, config.name, split=config.split, streaming=config.streaming)
+    except Exception as err:  # offline, missing, no such config or split
+        raise UserError(_load_error(config, err)) from None
     for index, row in enumerate(dataset):
-        yield row, f"{config.path}[{config.split}] row {index + 1}"
+        yield row, f"{label}[{config.split}] row {index + 1}"
+
+
+def _load_error(config: DataConfig, err: Exception) -> str:
+    """One line for a dataset that does not load; a config name that is not one of the dataset's names the
+    field (datasets' own message for it is many lines, and one for a missing name does not say which field)."""
+    try:
+        names = datasets.get_dataset_config_names(config.path)
+    except Exception:  # the dataset itself does not load: datasets' reason below says why
+        names = []
+    if config.name is not None and names and config.name not in names:
+        return f"data.name: {config.name!r} is not a config of {config.path!r}; expected one of {', '.join(names)}"
+    if config.name is None and len(names) > 1:
+        return f"data.name: {config.path!r} has several configs; set one of {', '.join(names)}"
+    which = f"config {config.name!r}, split {config.split!r}" if config.name else f"split {config.split!r}"
+    return f"data.path: cannot load {config.path!r} ({which}) with datasets: {str(err).splitlines()[0]}"
 
 
 def builtin_module(path: str):
@@ -124,11 +140,13 @@ def builtin_module(path: str):
 def read_rows(config: DataConfig) -> Iterator[tuple[dict, str]]:
     """(record, location) pairs from the configured source."""
     module = builtin_module(config.path)
+    path = Path(config.path).expanduser()
+    if config.name is not None and (module is not None or path.is_file()):
+        raise UserError(f"data.name: {config.path} has no configs (only a datasets hub name or dataset folder has)")
     if module is not None:
         for index, row in enumerate(module.records(config.split)):
             yield row, f"{config.path}[{config.split}] record {index + 1}"
         return
-    path = Path(config.path).expanduser()
     kind = FILE_TYPES.get(path.suffix.lower())
     if path.is_file():
         if kind is None:

@@ -135,7 +135,7 @@ def check_same_data(saved: dict, now: dict) -> None:
     """Refuse to resume on data that changed since the run started (the units would not be comparable)."""
 
     def by_source(hashes: dict) -> dict:
-        return {(d["path"], d["split"], d["limit"]): d["blake2"] for d in hashes["datasets"]}
+        return {(d["path"], d["split"], d["limit"], d.get("name")): d["blake2"] for d in hashes["datasets"]}
 
     old = by_source(saved)
     for source, digest in by_source(now).items():
@@ -153,8 +153,9 @@ def data_hashes(unit_list: list[Unit]) -> dict:
         for role, config in (("train", job.data), ("heldout", job.data.heldout())):
             if config is None:
                 continue
+            named = {"name": config.name} if config.name else {}  # a dataset's config; absent: keys as before it
             key = json.dumps(
-                {"path": config.path, "split": config.split, "limit": config.limit, "schema": config.schema},
+                {"path": config.path, "split": config.split, "limit": config.limit, "schema": config.schema} | named,
                 sort_keys=True,
             )
             if key in out:
@@ -165,6 +166,7 @@ def data_hashes(unit_list: list[Unit]) -> dict:
             out[key] = {
                 "role": role,
                 "path": config.path,
+                **named,
                 "split": config.split,
                 "limit": config.limit,
                 "records": len(conversations),
