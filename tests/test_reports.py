@@ -342,7 +342,7 @@ def _ranked(runs, primary: dict[str, str], target: str | None = None):
     from reports.forgetting import benchmark_table, strategy_table
 
     scores, examples = _tables(runs)
-    exp = SimpleNamespace(primary_metrics=primary, target_task=target)
+    exp = SimpleNamespace(primary_metrics=primary, target_task=target, target_tasks=[target] if target else [])
     benchmarks = benchmark_table(scores, examples, exp, iters=200)
     summary = strategy_table(benchmarks, scores, exp)
     return benchmarks, {r["strategy"]: r for r in summary.to_dict("records")}
