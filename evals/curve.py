@@ -42,6 +42,12 @@ class Curve:
     def steps(self, total: int) -> list[int]:
         """The curve's steps of a run of `total` steps that the file does not hold yet."""
         self.total = total
+        listed = self.settings.every if isinstance(self.settings.every, list) else []
+        beyond = [step for step in listed if step > total]
+        # an epoch-based run, whose step count the config could not check; not an error: under DDP the other
+        # processes, which know nothing of the curve, would wait for this one at the next step forever
+        if beyond:
+            print(f"curve: eval.every steps {beyond} are past the run's last step ({total}); not evaluated", flush=True)
         done = {point["step"] for point in self.points}
         return [step for step in self.settings.curve_steps(total) if step not in done]
 

@@ -115,15 +115,12 @@ class EvalSettings:
 
     def curve_steps(self, total: int) -> list[int]:
         """The steps a run of `total` optimizer steps is evaluated at for its curve: 0 (before training), every
-        N-th or the listed ones, and `total`; [] without `every`. A listed step past `total` is a UserError."""
+        N-th or the listed ones up to `total`, and `total`; [] without `every`. (A listed step past
+        train.max_steps is refused when the experiment loads; an epoch-based run learns its `total` only here.)"""
         if self.every is None:
             return []
-        if isinstance(self.every, list):
-            beyond = [step for step in self.every if step > total]
-            if beyond:
-                raise UserError(f"eval.every: step {beyond[0]} is beyond the run's last step ({total})")
-            return sorted({0, *self.every, total})
-        return sorted({0, *range(self.every, total + 1, self.every), total})
+        listed = self.every if isinstance(self.every, list) else range(self.every, total + 1, self.every)
+        return sorted({0, *(step for step in listed if step <= total), total})
 
     def for_curve(self) -> EvalSettings:
         """The settings of a curve point: the final evaluation's, with `curve_subsample` over `subsample`."""
