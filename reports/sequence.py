@@ -56,14 +56,18 @@ def continual_sections(run_dir: Path, exp: Experiment, iters: int = 2000) -> tup
     metrics = _metrics(examples, list(dict.fromkeys(examples["task"])), exp)
     cells, transfer = continual.continual_metrics(examples, targets, metrics, iters=iters)
     general = examples[examples["task"].isin(general_tasks)]
-    general = general[general.apply(lambda row: metrics[row["task"]] == row["metric"], axis=1)]
+    general = general[general["metric"] == general["task"].map(metrics)]  # each task's compared metric
     changes = continual.general_forgetting(general, iters=iters) if not general.empty else pd.DataFrame()
     figures = {"continual_matrix.png": _png(continual.matrix_heatmap(cells))}
     figures["continual_stages.png"] = _png(continual.stage_lines(cells))
     stage_names = ", ".join(f"{k + 1} = {s.name} ({s.target_task})" for k, s in enumerate(exp.stage_list))
     sections = [
         Section("Continual SFT", f"Stages: {stage_names}. {continual.DEFINITIONS}", level=2),
-        Section("ACC, BWT and FWT", "Mean over seeds [95% paired bootstrap CI]; per seed.", transfer_view(transfer)),
+        Section(
+            "ACC, BWT and FWT",
+            "Mean over seeds [95% paired bootstrap CI]; per seed.",
+            continual.transfer_table(transfer),
+        ),
         Section("Accuracy matrix", "R[i][j]: after stage i (0: base) on stage task j.", figure="continual_matrix.png"),
         *[
             Section(f"Matrix: {strategy}", table=continual.matrix_table(cells, strategy), level=3)
@@ -86,7 +90,3 @@ def continual_sections(run_dir: Path, exp: Experiment, iters: int = 2000) -> tup
         },
     )
     return sections, figures
-
-
-def transfer_view(transfer: pd.DataFrame) -> pd.DataFrame:
-    return continual.transfer_table(transfer)
