@@ -194,15 +194,13 @@ class Unit:
 
 
 def check_curves(settings: EvalSettings, unit_list: list[Unit]) -> None:
-    """`eval.every` against the units' training: listed steps within each job's train.max_steps (an epoch-based
-    job is checked when its step count is known), no sharded training (the model is evaluated in place), and
-    no stages (curves are recorded for one fine-tune per unit)."""
+    """`eval.every` against the units' training (with stages: each stage's): listed steps within each job's
+    train.max_steps (an epoch-based job is checked when its step count is known), no sharded training (the
+    model is evaluated in place)."""
     if settings.every is None:
         return
-    for unit in unit_list:
-        if unit.stage_jobs:
-            raise ValueError("eval.every: forgetting curves are not recorded within the stages of a sequence yet")
-        t = unit.job.train
+    for unit, job in ((u, job) for u in unit_list for job in u.stage_jobs or (u.job,)):
+        t = job.train
         if t.distributed == "fsdp":
             raise ValueError(
                 f"eval.every: not with train.distributed=fsdp (unit {unit.id}): a sharded model cannot be "

@@ -324,8 +324,11 @@ def run_sequence(
         if progress is not None:
             progress.training(unit.id, name)
         before = time.perf_counter()
-        result = train(job, on_step=_step_reporter(records, unit.id, progress, offset, total))
+        curve = unit_curve(exp, where)  # this stage's points, joined into the unit's curve below
+        result = train(job, on_step=_step_reporter(records, unit.id, progress, offset, total), eval_points=curve)
         trained += time.perf_counter() - before
+        if curve is not None:
+            join_stage_curves(unit_dir, exp, unit)
         steps, heldout[stage.name] = steps + result.steps, result.heldout_loss
         if progress is not None:
             progress.evaluating(unit.id, name, "its model")
@@ -346,7 +349,22 @@ def run_sequence(
         "variants": ["final"],
         "heldout_loss": heldout,
         "stages": [s.name for s in exp.stage_list],
+        **curve_record(unit_dir / CURVE_FILE),
     }
+
+
+def join_stage_curves(unit_dir: Path, exp: Experiment, unit: Unit) -> None:
+    """The unit's curve.jsonl over its whole sequence: each stage's points with the steps counted from the
+    sequence's start and the stage's number; a later stage's step 0 (its start: the previous stage's last
+    point, the same weights) left out."""
+    points, offset = [], 0
+    total = sum(job.train.max_steps or 0 for job in unit.stage_jobs) or None
+    for k, (stage, job) in enumerate(zip(exp.stage_list, unit.stage_jobs)):
+        stage_points = read_curve(stage_dir(unit_dir, k, stage) / CURVE_FILE)
+        joined = {"stage": k + 1, "steps": total}
+        points += [p | joined | {"step": offset + p["step"]} for p in stage_points if k == 0 or p["step"] > 0]
+        offset += job.train.max_steps or max((p["step"] for p in stage_points), default=0)
+    atomic_write_text(unit_dir / CURVE_FILE, "".join(json.dumps(p, default=str) + "\n" for p in points))
 
 
 def _step_reporter(records: Records, key: str, progress, offset: int, unit_total: int | None):

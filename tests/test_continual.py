@@ -181,3 +181,22 @@ def test_the_replay_buffer_draws_only_from_earlier_stages_with_their_quotas(tmp_
     first = buffer.read_text()
     write_replay_buffer(job, unit.stage_jobs[:2], buffer)
     assert buffer.read_text() == first
+
+
+@pytest.mark.slow
+def test_curves_within_stages_join_into_the_units_curve_over_the_sequence(tmp_path):
+    """eval.every in a sequence: each stage's curve (its own steps 0, 1, 2) and the unit's curve over the whole
+    sequence (steps 0..4, each point with its stage, stage 2's step 0 left out); the last point is the final
+    evaluation's score."""
+    config = sequence(tmp_path, strategies=[{"name": "naive"}], stages=STAGES[:2])
+    config["eval"]["tasks"] = TASKS + ["forgetting_target_units"]
+    config["eval"]["every"] = 1
+    assert main(["run", str(write(tmp_path, "exp.yaml", config))]) == 0
+    unit = tmp_path / "run" / "units" / "naive__seed0"
+    for stage in ("1_records", "2_units"):
+        assert [json.loads(line)["step"] for line in (unit / "stages" / stage / "curve.jsonl").open()] == [0, 1, 2]
+    joined = [json.loads(line) for line in (unit / "curve.jsonl").open()]
+    assert [(p["step"], p["stage"]) for p in joined] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2)]
+    final = json.loads((unit / "eval.json").read_text())["results"]["forgetting_knowledge"]
+    assert joined[-1]["results"]["results"]["forgetting_knowledge"]["acc,none"] == final["acc,none"]
+    assert (tmp_path / "run" / "curves.csv").is_file()

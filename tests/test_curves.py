@@ -79,10 +79,10 @@ def test_sharded_training_with_a_curve_is_refused_in_one_line(tmp_path, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_stages_with_a_curve_are_refused_and_quick_keeps_the_curve_short(tmp_path):
+def test_a_stages_listed_steps_are_checked_and_quick_keeps_the_curve_short(tmp_path):
     config = curve_experiment(tmp_path, [3], strategies=[{"name": "naive"}])
-    config["stages"] = [{"name": "a", "target_task": "forgetting_target"}]
-    with pytest.raises(UserError, match="eval.every: forgetting curves are not recorded within the stages"):
+    config["stages"] = [{"name": "a", "target_task": "forgetting_target", "train": {"max_steps": 2}}]
+    with pytest.raises(UserError, match="eval.every: step 3 is beyond train.max_steps=2 of unit naive__seed0"):
         load_experiment(str(write(tmp_path, "stages.yaml", config)))
     del config["stages"]
     quick = load_experiment(str(write(tmp_path, "exp.yaml", config)), quick=True)  # [3] would be past step 2
