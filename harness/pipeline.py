@@ -243,13 +243,7 @@ def run_unit(
     started = time.perf_counter()
     if progress is not None:
         progress.training(unit.id, label)
-    in_record = RecordProgress(records, unit.id)
-
-    def on_step(done: int, total: int, loss: float) -> None:
-        in_record(done, total, loss)
-        if progress is not None:
-            progress.step(unit.id, done, total, loss)
-
+    on_step = _step_reporter(records, unit.id, progress, 0, None)
     result = train(unit.job, on_step=on_step, eval_points=unit_curve(exp, unit_dir))
     trained = time.perf_counter()
     final = result.final_dir
@@ -368,7 +362,8 @@ def join_stage_curves(unit_dir: Path, exp: Experiment, unit: Unit) -> None:
 
 
 def _step_reporter(records: Records, key: str, progress, offset: int, unit_total: int | None):
-    """on_step for one stage: the unit's step counts (this stage's plus `offset`) in its record and progress."""
+    """on_step for a unit or one stage of it: the unit's step counts (the stage's plus `offset`; of `unit_total`,
+    else of the stage's total plus `offset`) in its record and progress."""
     in_record = RecordProgress(records, key)
 
     def on_step(done: int, total: int, loss: float) -> None:
