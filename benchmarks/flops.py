@@ -51,7 +51,7 @@ def step_flops(model, step) -> dict[str, float]:
     attention = 3 * 2 * 2 * step.attention_pairs * config.hidden_size * config.num_hidden_layers
     executed = 6 * body * step.padded + 6 * head * step.kept_positions + attention
     if step.tail_skipped:  # ours: the last layer's MLP and output projection only where a logit is taken
-        from harness.last_layer import last_decoder_layer
+        from forgetting.harness.last_layer import last_decoder_layer
 
         layer = last_decoder_layer(model)
         tail = sum(

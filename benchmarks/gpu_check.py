@@ -31,9 +31,9 @@ VARIANTS = {  # name -> overrides of the training job
 
 
 def train_variant(name: str, overrides: dict, args, output: Path) -> dict:
-    from harness.config import DataConfig, ModelConfig, TrainConfig
-    from harness.job import TrainJob
-    from harness.train import train
+    from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig
+    from forgetting.harness.job import TrainJob
+    from forgetting.harness.train import train
 
     train_config = TrainConfig(
         lr=2e-5,
@@ -100,7 +100,7 @@ def profile_steps(args, output: Path) -> dict:
 
 
 def evaluate_model(source: str, args) -> dict:
-    from evals.runner import EvalSettings, evaluate, headline, load_for_eval
+    from forgetting.evals.runner import EvalSettings, evaluate, headline, load_for_eval
 
     model, tokenizer = load_for_eval(source)
     started = time.perf_counter()
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
         return 2
     output.mkdir(parents=True, exist_ok=True)
     from benchmarks.flops import matmul_peak_flops
-    from harness.config import ModelConfig
-    from harness.models import load_model
+    from forgetting.harness.config import ModelConfig
+    from forgetting.harness.models import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = (4096, 8192) if device == "cuda" else (1024,)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         report["profile"] = profile_steps(args, output)
         print(f"profile: {report['profile']}", flush=True)
     if not args.skip_eval:
-        from harness.config import EMBEDDED_MODEL
+        from forgetting.harness.config import EMBEDDED_MODEL
 
         report["eval"] = {"base": evaluate_model(EMBEDDED_MODEL, args)}
         if "full" in report["train"]:

@@ -153,7 +153,7 @@ def preflight(variants: list[str], device: str) -> None:
         import datasets  # noqa: F401
         import tokenizers  # noqa: F401
 
-        import harness.train  # noqa: F401
+        import forgetting.harness.train  # noqa: F401
     except Exception as err:  # ImportError, or a package too old for another (datasets needs pyarrow >= 24)
         what = getattr(err, "name", None) or type(err).__name__
         raise Missing(f"cannot import what the run needs ({what}): {str(err).splitlines()[0]}; carry wheels") from None
@@ -243,10 +243,10 @@ def save_model(directory: Path, size: Size, tokenizer, device: str) -> int:
 
 def load_examples(data_config, tokenizer_dir: Path):
     """The examples exactly as the harness tokenizes them (response-only labels), for the Trainer's dataset."""
-    from harness.config import ModelConfig
-    from harness.data import load_conversations, tokenize_all
-    from harness.formats import attach_format
-    from harness.models import load_tokenizer
+    from forgetting.harness.config import ModelConfig
+    from forgetting.harness.data import load_conversations, tokenize_all
+    from forgetting.harness.formats import attach_format
+    from forgetting.harness.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_dir)))
     attach_format(tokenizer, data_config.format)
@@ -255,7 +255,7 @@ def load_examples(data_config, tokenizer_dir: Path):
 
 
 def data_summary(examples) -> dict:
-    from harness.batching import target_tokens
+    from forgetting.harness.batching import target_tokens
 
     lengths = sorted(len(e) for e in examples)
     return {
@@ -300,7 +300,7 @@ def register_flex(name: str = FLEX, attention=flex_attention_autocast) -> None:
 def harness_packing_through_flex():
     """The proposed GPU packing, in this process only: `harness.packing` registers flex attention (counting packed
     calls as its own attention does) under its attention name instead of one SDPA call per sequence."""
-    from harness import packing
+    from forgetting.harness import packing
 
     def flex_packed(module, query, key, value, attention_mask, segments=None, **kwargs):
         if segments is not None:
@@ -454,9 +454,9 @@ class Bench:
 
 def run_harness(bench: Bench, name: str) -> dict:
     """The harness's own loop, `train.packing` as the variant says; tokens from its metrics.jsonl."""
-    from harness.config import DataConfig, ModelConfig, TrainConfig
-    from harness.job import TrainJob
-    from harness.train import train
+    from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig
+    from forgetting.harness.job import TrainJob
+    from forgetting.harness.train import train
 
     _, layout, attention = PARTS[name]
     s = bench.size
@@ -705,7 +705,7 @@ def main(argv=None) -> int:
 
 def run_all(args, size, device, device_name, peak, peak_source, variants, workdir, checks):
     from benchmarks.flops import matmul_peak_flops
-    from harness.config import DataConfig
+    from forgetting.harness.config import DataConfig
 
     sizes = (4096, 8192) if device == "cuda" else (256, 512)
     measured = matmul_peak_flops("bf16", sizes=sizes, device=device)

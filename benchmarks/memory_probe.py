@@ -38,7 +38,7 @@ def synthetic_setup(seq_len: int, batch: int):
     import torch
 
     from benchmarks.systems import embedded_setup
-    from harness.formats import IGNORE_INDEX, Example
+    from forgetting.harness.formats import IGNORE_INDEX, Example
 
     tokenizer, _, model = embedded_setup(batch=1)
     generator = torch.Generator().manual_seed(0)

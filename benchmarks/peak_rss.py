@@ -32,7 +32,7 @@ def status_bytes(field: str) -> int:
 
 def main(argv: list[str]) -> int:
     out, command = Path(argv[0]), argv[1:]
-    from harness import sharding  # patched before the loop imports it, so that a call by any name is seen
+    from forgetting.harness import sharding  # patched before the loop imports it, so that a call by any name is seen
 
     calls = {"shard_model": 0}
     original = sharding.shard_model
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
         return original(*args, **kwargs)
 
     sharding.shard_model = counted
-    from harness import cli, commands  # noqa: F401  (the heavy imports, before the baseline)
+    from forgetting.harness import cli, commands  # noqa: F401  (the heavy imports, before the baseline)
 
     with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
         handle.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS

@@ -35,10 +35,10 @@ class Step:
 
 def embedded_setup(batch: int = BATCH, max_seq_len: int = 256):
     """(tokenizer with the chat-template format, the first `batch` built-in examples, the embedded model)."""
-    from harness.config import DataConfig, ModelConfig
-    from harness.data import load_conversations, tokenize_all
-    from harness.formats import attach_format
-    from harness.models import load_model, load_tokenizer
+    from forgetting.harness.config import DataConfig, ModelConfig
+    from forgetting.harness.data import load_conversations, tokenize_all
+    from forgetting.harness.formats import attach_format
+    from forgetting.harness.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     attach_format(tokenizer, "chat_template")
@@ -55,7 +55,7 @@ def autocast(precision: str):
 def lora_config():
     from peft import LoraConfig
 
-    from mitigations.lora import ALL_LINEAR, LoraMitigationConfig
+    from forgetting.mitigations.lora import ALL_LINEAR, LoraMitigationConfig
 
     ours = LoraMitigationConfig()
     return LoraConfig(
@@ -94,11 +94,11 @@ def harness_step(
     """
     from accelerate import Accelerator
 
-    from harness import last_layer, packing
-    from harness.batching import target_tokens
-    from harness.config import TrainConfig
-    from harness.optim import make_optimizer
-    from harness.train import accumulate_gradients
+    from forgetting.harness import last_layer, packing
+    from forgetting.harness.batching import target_tokens
+    from forgetting.harness.config import TrainConfig
+    from forgetting.harness.optim import make_optimizer
+    from forgetting.harness.train import accumulate_gradients
 
     if packed:
         packing.enable(model)  # the benchmark's own copy stays packed
@@ -131,9 +131,9 @@ def harness_step(
 
 
 def _ours(setup, precision, lora, gradient_checkpointing, compile) -> Step:
-    from harness import packing
-    from harness.batching import collate
-    from harness.loss import next_token_targets
+    from forgetting.harness import packing
+    from forgetting.harness.batching import collate
+    from forgetting.harness.loss import next_token_targets
 
     tokenizer, examples, base = setup
     model = copy.deepcopy(base)
@@ -215,7 +215,7 @@ def _trl(setup, precision, lora, gradient_checkpointing, compile) -> Step:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from harness import builtin_task
+    from forgetting.harness import builtin_task
 
     tokenizer, _, base = setup
     rows = [

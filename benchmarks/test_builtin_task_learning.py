@@ -27,8 +27,8 @@ ROWS: dict[str, dict] = {}
 
 def evaluate_on(name: str, source: str) -> dict:
     """Exact match and format validity of the model at `source` on the task's first DOCS held-out documents."""
-    from evals.runner import EvalSettings, evaluate, load_for_eval
-    from harness.config import ModelConfig
+    from forgetting.evals.runner import EvalSettings, evaluate, load_for_eval
+    from forgetting.harness.config import ModelConfig
 
     model, tokenizer = load_for_eval(source, model_config=ModelConfig(name_or_path=source, dtype="auto"))
     task = f"forgetting_target_{name}"
@@ -47,7 +47,7 @@ def evaluate_on(name: str, source: str) -> dict:
 @pytest.fixture(scope="module")
 def table():
     yield ROWS
-    from harness.precision import _x86_cpu_flags, cpu_bf16
+    from forgetting.harness.precision import _x86_cpu_flags, cpu_bf16
 
     flags = sorted((_x86_cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     out = Path(os.environ.get("BENCH_RESULTS_DIR", ".benchmarks")) / "builtin_tasks.json"
@@ -67,10 +67,10 @@ def table():
 
 @pytest.mark.parametrize("name", TASKS)
 def test_base_and_after_a_short_sft(table, name, tmp_path):
-    from harness.config import EMBEDDED_MODEL
-    from harness.job import load_job
-    from harness.precision import resolve_precision
-    from harness.train import train
+    from forgetting.harness.config import EMBEDDED_MODEL
+    from forgetting.harness.job import load_job
+    from forgetting.harness.precision import resolve_precision
+    from forgetting.harness.train import train
 
     base = evaluate_on(name, EMBEDDED_MODEL)
     overrides = [f"data.path=builtin:{name}", f"train.max_steps={STEPS}", "train.save_every=0"]

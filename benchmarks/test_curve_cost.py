@@ -28,8 +28,8 @@ def timed_train(tmp_path: Path, name: str, curve) -> dict:
     """Train the demo recipe into tmp_path/name (with `curve` as its eval points); its times and final weights."""
     from safetensors.torch import load_file
 
-    from harness import train as train_module
-    from harness.job import load_job
+    from forgetting.harness import train as train_module
+    from forgetting.harness.job import load_job
 
     overrides = [f"train.max_steps={STEPS}", "train.save_every=0", "train.progress=false"]
     job = load_job("configs/demo.yaml", [*overrides, f"output_dir={tmp_path / name}"])
@@ -60,9 +60,9 @@ def timed_train(tmp_path: Path, name: str, curve) -> dict:
 
 
 def test_a_curve_costs_its_evaluations_and_nothing_more(tmp_path):
-    from evals.curve import Curve, read_curve
-    from evals.runner import EvalSettings
-    from harness.precision import _x86_cpu_flags, cpu_bf16, resolve_precision
+    from forgetting.evals.curve import Curve, read_curve
+    from forgetting.evals.runner import EvalSettings
+    from forgetting.harness.precision import _x86_cpu_flags, cpu_bf16, resolve_precision
 
     settings = EvalSettings(tasks=list(SUBSAMPLE), subsample=SUBSAMPLE, every=EVERY, batch_size=16)
     # the curved run first: a second run finds the model's files in the page cache, so this order can only

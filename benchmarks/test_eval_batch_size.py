@@ -24,8 +24,8 @@ ROWS: dict[int, dict] = {}
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    from evals.runner import load_for_eval
-    from harness.config import EMBEDDED_MODEL, ModelConfig
+    from forgetting.evals.runner import load_for_eval
+    from forgetting.harness.config import EMBEDDED_MODEL, ModelConfig
 
     yield load_for_eval(EMBEDDED_MODEL, model_config=ModelConfig(dtype="bfloat16"))
     out = Path(os.environ.get("BENCH_RESULTS_DIR", ".benchmarks")) / "eval_batch_size.json"
@@ -38,7 +38,7 @@ def model_and_tokenizer():
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
 def test_suite_time(model_and_tokenizer, batch_size):
-    from evals.runner import EvalSettings, evaluate, headline
+    from forgetting.evals.runner import EvalSettings, evaluate, headline
 
     model, tokenizer = model_and_tokenizer
     started = time.perf_counter()

@@ -59,7 +59,7 @@ def test_flex_path_is_block_diagonal_and_the_harness_patch_is_undone():
     own packed attention is registered again."""
     from transformers import AttentionInterface
 
-    from harness import packing
+    from forgetting.harness import packing
 
     check.register_flex()
     assert check.check_packed_attention(check.FLEX, "cpu") < 1e-3

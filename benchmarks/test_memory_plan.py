@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.data import load_conversations, tokenize_all
-from harness.formats import attach_format
-from harness.job import load_job
-from harness.models import load_tokenizer
-from harness.plan import estimate
+from forgetting.harness.data import load_conversations, tokenize_all
+from forgetting.harness.formats import attach_format
+from forgetting.harness.job import load_job
+from forgetting.harness.models import load_tokenizer
+from forgetting.harness.plan import estimate
 
 ROOT = Path(__file__).parent.parent
 MODELS = {

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from benchmarks.systems import harness_step
-from harness.batching import collate
-from harness.loss import summed_response_loss
+from forgetting.harness.batching import collate
+from forgetting.harness.loss import summed_response_loss
 
 ROUNDS = 5
 TIMES: dict[str, float] = {}
@@ -56,7 +56,7 @@ def test_plain_step(benchmark, setup):
 def test_ewc_step(setup):
     """Plain and EWC steps interleaved round by round (both models resident), so drift and noise hit both;
     the penalty's own work (`penalty_grad`) is also timed directly inside each EWC step."""
-    from mitigations.ewc import EWC, EWCConfig
+    from forgetting.mitigations.ewc import EWC, EWCConfig
 
     tokenizer, examples, base = setup
     plain = make_step(copy.deepcopy(base).train(), tokenizer, examples)
@@ -89,7 +89,7 @@ def test_ewc_step(setup):
 
 
 def test_lora_step(benchmark, setup):
-    from mitigations.lora import Lora, LoraMitigationConfig
+    from forgetting.mitigations.lora import Lora, LoraMitigationConfig
 
     tokenizer, examples, base = setup
     model = Lora(LoraMitigationConfig()).wrap_model(copy.deepcopy(base), None).train()
@@ -97,7 +97,7 @@ def test_lora_step(benchmark, setup):
 
 
 def test_fisher_cost_per_example(setup):
-    from mitigations.ewc import estimate_fisher
+    from forgetting.mitigations.ewc import estimate_fisher
 
     tokenizer, examples, base = setup
     model = copy.deepcopy(base)

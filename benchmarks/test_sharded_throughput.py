@@ -39,7 +39,7 @@ def free_port() -> int:
 def train(output: Path, mode: str) -> list[dict]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    command += ["-m", "harness", "train", *JOB, f"train.distributed={mode}", f"output_dir={output}"]
+    command += ["-m", "forgetting", "train", *JOB, f"train.distributed={mode}", f"output_dir={output}"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

@@ -22,8 +22,8 @@ import json
 import time
 from pathlib import Path
 
-from evals.runner import EvalSettings, evaluate, metric_entries
-from harness.io import atomic_write_text
+from forgetting.evals.runner import EvalSettings, evaluate, metric_entries
+from forgetting.harness.io import atomic_write_text
 
 # what each sample keeps: tidy.example_rows reads doc_id, doc (categories, IFEval instruction ids), metrics and the
 # metric values; filtered_resps is the model's answer, kept for reading

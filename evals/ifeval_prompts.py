@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from evals.nltk_offline import ensure_punkt_tab
+from forgetting.evals.nltk_offline import ensure_punkt_tab
 
 TOPICS = [
     "your favourite season",

@@ -17,8 +17,8 @@ from pathlib import Path
 import nltk
 from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
 
-from evals.prose import PARAGRAPHS
-from harness.io import cache_root
+from forgetting.evals.prose import PARAGRAPHS
+from forgetting.harness.io import cache_root
 
 ABBREVIATIONS = [
     "mr",

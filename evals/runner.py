@@ -41,12 +41,12 @@ from lm_eval.tasks import TaskManager
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from evals.nltk_offline import ensure_punkt_tab, punkt_tab_hash
-from harness.config import ModelConfig
-from harness.configlib import knob
-from harness.errors import UserError
-from harness.io import atomic_write_json
-from harness.models import (
+from forgetting.evals.nltk_offline import ensure_punkt_tab, punkt_tab_hash
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import UserError
+from forgetting.harness.io import atomic_write_json
+from forgetting.harness.models import (
     files_fingerprint,
     has_safetensors,
     load_model,
@@ -57,7 +57,7 @@ from harness.models import (
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 HUB_TASKS_DIR = Path(__file__).parent / "hub_tasks"  # groups of lm-eval's own tasks, indexed only beside them
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the `evals` and `harness` packages
+PROJECT_ROOT = Path(__file__).parent.parent  # the `forgetting` package: its `evals` and `harness` subpackages
 PROJECT_PACKAGES = ("evals", "harness")
 VERSIONED = ("torch", "transformers", "lm_eval", "peft", "nltk")  # packages whose code computes a score
 SUITE = [
@@ -195,8 +195,9 @@ def _project_imports(files: list[Path]) -> list[Path]:
             else:
                 continue
             for module in modules:
-                path = PROJECT_ROOT.joinpath(*module.split(".")).with_suffix(".py")
-                if module.split(".")[0] in PROJECT_PACKAGES and path.is_file():
+                parts = module.split(".")  # forgetting.<package>.<module>
+                path = PROJECT_ROOT.joinpath(*parts[1:]).with_suffix(".py")
+                if parts[0] == "forgetting" and parts[1:2] and parts[1] in PROJECT_PACKAGES and path.is_file():
                     found.add(path)
     return sorted(found)
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from harness.formats import IGNORE_INDEX, Example
+from forgetting.harness.formats import IGNORE_INDEX, Example
 
 
 def plan_steps(num_examples: int, batch_size: int, epochs: float, max_steps: int | None, seed: int) -> list[list[int]]:

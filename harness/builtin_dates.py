@@ -20,7 +20,7 @@ import datetime
 import random
 import re
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 MONTHS = [
     "January",

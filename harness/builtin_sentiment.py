@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 LABELS = ("positive", "negative", "neutral")
 PRODUCTS_TRAIN = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 FIRST = [
     "Maria",

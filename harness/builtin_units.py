@@ -20,7 +20,7 @@ import random
 import re
 from decimal import Decimal
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 CONVERSIONS = [  # (from, to, power of ten of the factor)
     ("km", "m", 3),

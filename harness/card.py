@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from harness.config import EMBEDDED_MODEL
-from harness.io import atomic_write_text
+from forgetting.harness.config import EMBEDDED_MODEL
+from forgetting.harness.io import atomic_write_text
 
 CARD_NAME = "README.md"
 CONFIG_NAME = "forgetting_config.yaml"  # harness.checkpoint.CONFIG_NAME (checkpoint imports this module)

@@ -28,10 +28,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from harness.card import write_cards
-from harness.configlib import to_dict
-from harness.io import atomic_write_json, atomic_write_yaml
-from harness.sharding import full_state_dict, is_sharded
+from forgetting.harness.card import write_cards
+from forgetting.harness.configlib import to_dict
+from forgetting.harness.io import atomic_write_json, atomic_write_yaml
+from forgetting.harness.sharding import full_state_dict, is_sharded
 
 CONFIG_NAME = "forgetting_config.yaml"
 FINAL = "final"

@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 
-from harness.errors import HarnessError
+from forgetting.harness.errors import HarnessError
 
 # the names of harness.launchers.LAUNCHERS (not imported here: it loads torch, which `--help` should not wait for)
 LAUNCHERS = ("local", "ray", "slurm")
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     # deferred on purpose: the commands import torch, transformers, peft and lm-eval (~6 s), which `--help`
     # and a mistyped command line should not wait for
     try:
-        from harness import commands
+        from forgetting.harness import commands
 
         commands.quiet_libraries()
         return getattr(commands, f"cmd_{args.command_name}")(args)

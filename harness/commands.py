@@ -13,25 +13,25 @@ import torch
 import yaml
 from transformers.utils import logging as hf_logging
 
-from evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse_overwrite, save_results
-from harness.configlib import describe, from_dict, read_yaml, to_dict
-from harness.data import load_conversations, tokenize_all
-from harness.errors import HarnessError, RunError, UserError
-from harness.experiment import Experiment, Stage, Strategy, load_experiment
-from harness.formats import IGNORE_INDEX, attach_format
-from harness.hub import describe_plan, plan_push, push
-from harness.io import atomic_write_text, cache_root
-from harness.job import TrainJob, load_job
-from harness.launchers import LAUNCHERS, Launch
-from harness.models import load_tokenizer
-from harness.pipeline import EXPERIMENT_FILE, report_run, status_table
-from harness.plan import available_memory, estimate, render
-from harness.precision import compute_device_type
-from harness.train import train
-from mitigations import registered
-from reports import gate
-from reports.gate import runtime_failure
-from reports.writer import headline as run_headline
+from forgetting.evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse_overwrite, save_results
+from forgetting.harness.configlib import describe, from_dict, read_yaml, to_dict
+from forgetting.harness.data import load_conversations, tokenize_all
+from forgetting.harness.errors import HarnessError, RunError, UserError
+from forgetting.harness.experiment import Experiment, Stage, Strategy, load_experiment
+from forgetting.harness.formats import IGNORE_INDEX, attach_format
+from forgetting.harness.hub import describe_plan, plan_push, push
+from forgetting.harness.io import atomic_write_text, cache_root
+from forgetting.harness.job import TrainJob, load_job
+from forgetting.harness.launchers import LAUNCHERS, Launch
+from forgetting.harness.models import load_tokenizer
+from forgetting.harness.pipeline import EXPERIMENT_FILE, report_run, status_table
+from forgetting.harness.plan import available_memory, estimate, render
+from forgetting.harness.precision import compute_device_type
+from forgetting.harness.train import train
+from forgetting.mitigations import registered
+from forgetting.reports import gate
+from forgetting.reports.gate import runtime_failure
+from forgetting.reports.writer import headline as run_headline
 
 
 def _job(args):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal, Optional
 
-from harness.configlib import knob
+from forgetting.harness.configlib import knob
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 

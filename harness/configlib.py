@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:

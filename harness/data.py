@@ -19,10 +19,10 @@ from typing import Iterator
 import datasets
 import pandas as pd
 
-from harness import builtin_dates, builtin_sentiment, builtin_task, builtin_units
-from harness.config import DataConfig
-from harness.errors import UserError
-from harness.formats import Example, template_for, tokenize_conversation, truncate
+from forgetting.harness import builtin_dates, builtin_sentiment, builtin_task, builtin_units
+from forgetting.harness.config import DataConfig
+from forgetting.harness.errors import UserError
+from forgetting.harness.formats import Example, template_for, tokenize_conversation, truncate
 
 ROLES = ("system", "user", "assistant")
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}

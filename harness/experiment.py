@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from evals.runner import EvalSettings
-from harness.config import DataConfig, ModelConfig, TrainConfig
-from harness.configlib import apply_overrides, from_dict, knob, load_config, read_yaml, set_key, to_dict
-from harness.errors import UserError
-from harness.job import TrainJob
-from mitigations import upgrade_axis, upgrade_specs
-from mitigations.general_data import GeneralData
+from forgetting.evals.runner import EvalSettings
+from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig
+from forgetting.harness.configlib import apply_overrides, from_dict, knob, load_config, read_yaml, set_key, to_dict
+from forgetting.harness.errors import UserError
+from forgetting.harness.job import TrainJob
+from forgetting.mitigations import upgrade_axis, upgrade_specs
+from forgetting.mitigations.general_data import GeneralData
 
 # The primary metric of each suite task: what the forgetting report compares (other tasks: their first metric).
 PRIMARY_METRICS = {

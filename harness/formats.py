@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 IGNORE_INDEX = -100
 

@@ -20,8 +20,8 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from harness.card import CARD_NAME, RunContext, write_cards
-from harness.errors import UserError
+from forgetting.harness.card import CARD_NAME, RunContext, write_cards
+from forgetting.harness.errors import UserError
 
 REVISION = "main"
 

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import yaml
 
-from harness.configlib import first_difference
-from harness.errors import UserError
+from forgetting.harness.configlib import first_difference
+from forgetting.harness.errors import UserError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

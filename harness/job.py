@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.config import DataConfig, ModelConfig, TrainConfig
-from harness.configlib import from_dict, knob, load_config, to_dict
-from harness.errors import HarnessError
-from mitigations import upgrade_specs, validate_specs
+from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig
+from forgetting.harness.configlib import from_dict, knob, load_config, to_dict
+from forgetting.harness.errors import HarnessError
+from forgetting.mitigations import upgrade_specs, validate_specs
 
 
 @dataclass

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from harness.packing import transformers_model
+from forgetting.harness.packing import transformers_model
 
 
 def last_decoder_layer(model) -> torch.nn.Module | None:

@@ -3,7 +3,7 @@ training job followed by its evaluations), then the report, which needs them all
 
     local   (the default) this process works through the plan itself: `harness.pipeline.run_experiment`
     ray     the base evaluation and each unit is a Ray task (the units do not depend on the base evaluation, so
-            all run concurrently) that runs `python -m harness run EXP --unit ID` in a fresh process (under
+            all run concurrently) that runs `python -m forgetting run EXP --unit ID` in a fresh process (under
             `torchrun --standalone` when the unit has several processes), with the cpus and gpus the
             experiment's `resources:` gives the unit's strategy; the driver then writes the report.
             `RAY_ADDRESS` set: that cluster; unset: a local one (`--ray-cpus N`: its size)
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from harness.errors import Preempted, UserError
-from harness.experiment import Experiment, units
-from harness.pipeline import finish_run, prepare_run, run_experiment
-from harness.records import Records
+from forgetting.harness.errors import Preempted, UserError
+from forgetting.harness.experiment import Experiment, units
+from forgetting.harness.pipeline import finish_run, prepare_run, run_experiment
+from forgetting.harness.records import Records
 
 # the exit code of a task whose process crashed (a unit that fails, e.g. a non-finite loss, is only in the report)
 CRASHED = 1
@@ -86,15 +86,15 @@ def unit_resources(exp: Experiment, strategy: str | None) -> dict:
 
 
 def harness_command(args: list[str], processes: int = 1) -> list[str]:
-    """`python -m harness ARGS`, under `torchrun --standalone` (a free port of this node) for several processes."""
+    """`python -m forgetting ARGS`, under `torchrun --standalone` (a free port of this node) for several processes."""
     if processes == 1:
-        return [sys.executable, "-m", "harness", *args]
+        return [sys.executable, "-m", "forgetting", *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    return [*launcher, "-m", "harness", *args]
+    return [*launcher, "-m", "forgetting", *args]
 
 
 def run_in_process(args: list[str], cwd: str, processes: int = 1) -> tuple[int, str]:
-    """`python -m harness ARGS` in fresh processes (their own memory and torch state), in the driver's directory
+    """`python -m forgetting ARGS` in fresh processes (their own memory and torch state), in the driver's directory
     (relative paths in the config); the exit code and the end of the output."""
     done = subprocess.run(harness_command(args, processes), cwd=cwd, capture_output=True, text=True)
     return done.returncode, (done.stdout + done.stderr)[-3000:]
@@ -265,7 +265,7 @@ _unit_process: subprocess.Popen | None = None
 
 
 class SlurmUnit:
-    """A unit as a submitit job: `python -m harness run EXP --unit ID` in a child process of each of the job's
+    """A unit as a submitit job: `python -m forgetting run EXP --unit ID` in a child process of each of the job's
     tasks (its Slurm variables make the tasks one process group), and checkpointable: on the time-limit or
     preemption signal the child saves a checkpoint and exits, and submitit requeues the job, which resumes."""
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.batching import collate, micro_batches, target_tokens
-from harness.formats import IGNORE_INDEX
+from forgetting.harness.batching import collate, micro_batches, target_tokens
+from forgetting.harness.formats import IGNORE_INDEX
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

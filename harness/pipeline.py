@@ -39,12 +39,12 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from evals.curve import Curve, read_curve
-from evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
-from harness.configlib import to_dict
-from harness.data import load_conversations
-from harness.errors import Preempted, RunError, UserError
-from harness.experiment import (
+from forgetting.evals.curve import Curve, read_curve
+from forgetting.evals.runner import evaluate, leaf_tasks, load_for_eval, task_manager
+from forgetting.harness.configlib import to_dict
+from forgetting.harness.data import load_conversations
+from forgetting.harness.errors import Preempted, RunError, UserError
+from forgetting.harness.experiment import (
     REPLAY_BUFFER,
     Experiment,
     Unit,
@@ -54,17 +54,17 @@ from harness.experiment import (
     units,
     upgrade_experiment,
 )
-from harness.io import atomic_write_json, atomic_write_text, cache_root, claim_run_dir
-from harness.job import comparable
-from harness.precision import resolve_eval_dtype, resolve_precision
-from harness.processes import Team
-from harness.progress import ExperimentProgress, Plan
-from harness.records import Progress as RecordProgress
-from harness.records import Records
-from harness.train import train
-from mitigations.wise_ft import WiseFTConfig
-from reports.cards import write_unit_cards
-from reports.writer import write_reports
+from forgetting.harness.io import atomic_write_json, atomic_write_text, cache_root, claim_run_dir
+from forgetting.harness.job import comparable
+from forgetting.harness.precision import resolve_eval_dtype, resolve_precision
+from forgetting.harness.processes import Team
+from forgetting.harness.progress import ExperimentProgress, Plan
+from forgetting.harness.records import Progress as RecordProgress
+from forgetting.harness.records import Records
+from forgetting.harness.train import train
+from forgetting.mitigations.wise_ft import WiseFTConfig
+from forgetting.reports.cards import write_unit_cards
+from forgetting.reports.writer import write_reports
 
 EXPERIMENT_FILE = "experiment.yaml"
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "lm_eval", "pandas", "numpy")

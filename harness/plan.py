@@ -45,15 +45,15 @@ from types import SimpleNamespace
 
 import torch
 
-from harness.batching import micro_batches, plan_steps, rank_share, target_tokens
-from harness.configlib import from_dict
-from harness.errors import HarnessError, RunError, UserError
-from harness.formats import Example
-from harness.job import TrainJob
-from harness.models import empty_model, pick_dtype
-from harness.precision import compute_device_type, resolve_precision
-from harness.sharding import decoder_layers
-from mitigations import REGISTRY, build_mitigations
+from forgetting.harness.batching import micro_batches, plan_steps, rank_share, target_tokens
+from forgetting.harness.configlib import from_dict
+from forgetting.harness.errors import HarnessError, RunError, UserError
+from forgetting.harness.formats import Example
+from forgetting.harness.job import TrainJob
+from forgetting.harness.models import empty_model, pick_dtype
+from forgetting.harness.precision import compute_device_type, resolve_precision
+from forgetting.harness.sharding import decoder_layers
+from forgetting.mitigations import REGISTRY, build_mitigations
 
 MODES = ("ddp", "fsdp")
 NO_STATE = {  # mitigations that keep nothing beyond the rows above

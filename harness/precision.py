@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 FORCE_ENV = "FORGETTING_CPU_BF16"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -1,7 +1,7 @@
 """The process group's environment under `srun`: Slurm's task variables as torch.distributed's.
 
 `torchrun` and `accelerate launch` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each
-process they start; `srun --ntasks N python -m harness train ...` starts the N processes itself and sets only
+process they start; `srun --ntasks N python -m forgetting train ...` starts the N processes itself and sets only
 SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS and the node list. `adopt_slurm_tasks` fills in the torch
 names from those, so the same command runs under all three launchers.
 """

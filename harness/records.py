@@ -26,7 +26,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from harness.io import atomic_write_json
+from forgetting.harness.io import atomic_write_json
 
 STATUS = "status.json"
 

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from harness.errors import UserError
+from forgetting.harness.errors import UserError
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

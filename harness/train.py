@@ -52,23 +52,23 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from harness import checkpoint as ckpt
-from harness import last_layer, packing
-from harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
-from harness.configlib import to_dict
-from harness.data import DataStats, load_conversations, tokenize_all
-from harness.errors import Preempted, RunError, UserError
-from harness.formats import Example, attach_format
-from harness.io import atomic_write_text, atomic_write_yaml, claim_run_dir
-from harness.job import TrainJob, comparable, upgrade_job
-from harness.loss import mean_response_loss, summed_response_loss
-from harness.models import empty_model, load_model, load_tokenizer
-from harness.optim import default_param_groups, lr_factor, make_optimizer
-from harness.plan import check_fits
-from harness.precision import resolve_precision
-from harness.processes import accelerator_present, adopt_slurm_tasks
-from harness.sharding import compute_dtype, full, is_sharded, shard_model
-from mitigations import build_mitigations, chain, hook_results
+from forgetting.harness import checkpoint as ckpt
+from forgetting.harness import last_layer, packing
+from forgetting.harness.batching import collate, micro_batches, plan_steps, rank_share, target_tokens
+from forgetting.harness.configlib import to_dict
+from forgetting.harness.data import DataStats, load_conversations, tokenize_all
+from forgetting.harness.errors import Preempted, RunError, UserError
+from forgetting.harness.formats import Example, attach_format
+from forgetting.harness.io import atomic_write_text, atomic_write_yaml, claim_run_dir
+from forgetting.harness.job import TrainJob, comparable, upgrade_job
+from forgetting.harness.loss import mean_response_loss, summed_response_loss
+from forgetting.harness.models import empty_model, load_model, load_tokenizer
+from forgetting.harness.optim import default_param_groups, lr_factor, make_optimizer
+from forgetting.harness.plan import check_fits
+from forgetting.harness.precision import resolve_precision
+from forgetting.harness.processes import accelerator_present, adopt_slurm_tasks
+from forgetting.harness.sharding import compute_dtype, full, is_sharded, shard_model
+from forgetting.mitigations import build_mitigations, chain, hook_results
 
 
 @dataclass(frozen=True)

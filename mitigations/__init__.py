@@ -4,8 +4,8 @@ Importing the package registers the built-in mitigations; a plugin registers its
 `@register_mitigation(name, ConfigClass)` from `mitigations.registry`.
 """
 
-from mitigations import ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft  # noqa: F401  (registers them)
-from mitigations.registry import (
+from forgetting.mitigations import ewc, freeze, kl_to_base, l2sp, lora, low_lr, replay, wise_ft  # noqa: F401  (registers them)
+from forgetting.mitigations.registry import (
     CHAINED,
     HOOKS,
     REGISTRY,

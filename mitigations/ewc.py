@@ -44,13 +44,13 @@ from peft.tuners.lora import Linear as LoraLinear
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from harness.batching import collate
-from harness.configlib import knob
-from harness.errors import UserError
-from harness.formats import IGNORE_INDEX
-from harness.loss import next_token_targets, summed_response_loss
-from harness.models import empty_model, load_model
-from harness.sharding import (
+from forgetting.harness.batching import collate
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import UserError
+from forgetting.harness.formats import IGNORE_INDEX
+from forgetting.harness.loss import next_token_targets, summed_response_loss
+from forgetting.harness.models import empty_model, load_model
+from forgetting.harness.sharding import (
     add_to_grad,
     compute_dtype,
     full,
@@ -62,8 +62,8 @@ from harness.sharding import (
     shard_like,
     shard_model,
 )
-from mitigations.general_data import GeneralData, general_examples
-from mitigations.registry import register_mitigation
+from forgetting.mitigations.general_data import GeneralData, general_examples
+from forgetting.mitigations.registry import register_mitigation
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from harness.configlib import knob
-from harness.errors import UserError
-from mitigations.registry import register_mitigation
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import UserError
+from forgetting.mitigations.registry import register_mitigation
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 

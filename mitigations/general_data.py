@@ -24,11 +24,11 @@ from typing import ClassVar, Literal
 
 import datasets
 
-from harness.configlib import knob
-from harness.data import load_conversations, read_json, read_jsonl, tokenize_all
-from harness.errors import UserError
-from harness.formats import Example
-from mitigations.rehearsal import self_rehearsal
+from forgetting.harness.configlib import knob
+from forgetting.harness.data import load_conversations, read_json, read_jsonl, tokenize_all
+from forgetting.harness.errors import UserError
+from forgetting.harness.formats import Example
+from forgetting.mitigations.rehearsal import self_rehearsal
 
 
 @dataclass

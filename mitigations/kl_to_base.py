@@ -20,13 +20,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from harness.batching import collate
-from harness.configlib import knob
-from harness.loss import next_token_targets
-from harness.models import empty_model, load_model
-from harness.sharding import compute_dtype, is_sharded, shard_model
-from mitigations.general_data import GeneralData, general_examples, refuse_sft
-from mitigations.registry import register_mitigation
+from forgetting.harness.batching import collate
+from forgetting.harness.configlib import knob
+from forgetting.harness.loss import next_token_targets
+from forgetting.harness.models import empty_model, load_model
+from forgetting.harness.sharding import compute_dtype, is_sharded, shard_model
+from forgetting.mitigations.general_data import GeneralData, general_examples, refuse_sft
+from forgetting.mitigations.registry import register_mitigation
 
 
 @dataclass

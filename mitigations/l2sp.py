@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.configlib import knob
-from harness.sharding import local, local_sum
-from mitigations.registry import register_mitigation
+from forgetting.harness.configlib import knob
+from forgetting.harness.sharding import local, local_sum
+from forgetting.mitigations.registry import register_mitigation
 
 
 @dataclass

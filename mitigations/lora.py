@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from harness.configlib import knob
-from harness.errors import UserError
-from harness.merging import Base, WeightFiles, base_for, write_weights
-from mitigations.registry import register_mitigation
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import UserError
+from forgetting.harness.merging import Base, WeightFiles, base_for, write_weights
+from forgetting.mitigations.registry import register_mitigation
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_DIR = "lora_base"

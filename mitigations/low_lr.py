@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.configlib import knob
-from harness.optim import default_param_groups
-from mitigations.registry import register_mitigation
+from forgetting.harness.configlib import knob
+from forgetting.harness.optim import default_param_groups
+from forgetting.mitigations.registry import register_mitigation
 
 
 @dataclass

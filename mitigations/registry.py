@@ -38,8 +38,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Protocol, runtime_checkable
 
-from harness.configlib import from_dict, to_dict, upgrade_keys
-from harness.errors import HarnessError, UserError
+from forgetting.harness.configlib import from_dict, to_dict, upgrade_keys
+from forgetting.harness.errors import HarnessError, UserError
 
 HOOKS = ("wrap_model", "param_groups", "mix_data", "prepare", "penalty", "penalty_grad", "export", "report")
 CHAINED = ("wrap_model", "mix_data")  # hooks whose first argument is the previous mitigation's output

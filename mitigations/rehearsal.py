@@ -18,10 +18,17 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import UserError
-from harness.formats import IGNORE_INDEX, Example, split_segments, template_for, tokenize_conversation, truncate
-from harness.io import atomic_write_text, cache_root
-from harness.models import weights_fingerprint
+from forgetting.harness.errors import UserError
+from forgetting.harness.formats import (
+    IGNORE_INDEX,
+    Example,
+    split_segments,
+    template_for,
+    tokenize_conversation,
+    truncate,
+)
+from forgetting.harness.io import atomic_write_text, cache_root
+from forgetting.harness.models import weights_fingerprint
 
 TEMPLATES = [
     "Explain {} in simple terms.",

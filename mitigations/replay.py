@@ -14,10 +14,10 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from harness.batching import target_tokens
-from harness.configlib import knob
-from mitigations.general_data import GeneralData, general_examples, refuse_sft
-from mitigations.registry import register_mitigation
+from forgetting.harness.batching import target_tokens
+from forgetting.harness.configlib import knob
+from forgetting.mitigations.general_data import GeneralData, general_examples, refuse_sft
+from forgetting.mitigations.registry import register_mitigation
 
 
 @dataclass

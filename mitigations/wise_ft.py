@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from harness.configlib import knob
-from harness.errors import UserError
-from harness.merging import Base, WeightFiles, base_for, merge_files, weight_files
-from mitigations.registry import register_mitigation
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import UserError
+from forgetting.harness.merging import Base, WeightFiles, base_for, merge_files, weight_files
+from forgetting.mitigations.registry import register_mitigation
 
 BASE_DIR = "wise_ft_base"
 # files save_pretrained writes beside the weights that a point shares with final/

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 from huggingface_hub import EvalResult
 
-from harness.card import Evaluation, RunContext, write_cards
-from harness.experiment import load_saved_experiment
-from reports.instruction import HEALTH_METRICS, IFEVAL_METRICS
-from reports.render import interval, markdown_table, number, percent
+from forgetting.harness.card import Evaluation, RunContext, write_cards
+from forgetting.harness.experiment import load_saved_experiment
+from forgetting.reports.instruction import HEALTH_METRICS, IFEVAL_METRICS
+from forgetting.reports.render import interval, markdown_table, number, percent
 
 TASK_TYPE = "text-generation"
 Z95 = 1.959964  # a normal 95% interval from lm-eval's stderr

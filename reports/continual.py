@@ -45,9 +45,9 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from harness.errors import UserError
-from reports.render import interval, number
-from reports.stats import percentile_interval, resample_counts
+from forgetting.harness.errors import UserError
+from forgetting.reports.render import interval, number
+from forgetting.reports.stats import percentile_interval, resample_counts
 
 DEFINITIONS = (
     "R[i][j] is the score on stage task j after stage i (i = 0: the base model before any stage; task j is "

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.curve import read_curve
-from harness.experiment import Experiment, primary_metric, units
-from harness.io import atomic_write_bytes, atomic_write_text
-from harness.records import Records
-from reports import continual
-from reports.plots import _png
-from reports.render import Section
-from reports.tidy import example_rows, score_rows
+from forgetting.evals.curve import read_curve
+from forgetting.harness.experiment import Experiment, primary_metric, units
+from forgetting.harness.io import atomic_write_bytes, atomic_write_text
+from forgetting.harness.records import Records
+from forgetting.reports import continual
+from forgetting.reports.plots import _png
+from forgetting.reports.render import Section
+from forgetting.reports.tidy import example_rows, score_rows
 
 CURVE_FILE = "curve.jsonl"
 COLUMNS = [

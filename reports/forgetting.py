@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from harness.experiment import primary_metric
-from reports.stats import (
+from forgetting.harness.experiment import primary_metric
+from forgetting.reports.stats import (
     align,
     example_transitions,
     paired_bootstrap,

@@ -30,11 +30,11 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from evals.runner import EvalSettings, evaluate, load_for_eval, metric_entries
-from harness.configlib import from_dict, knob
-from harness.errors import HarnessError, RunError, UserError
-from harness.experiment import primary_metric
-from reports.tidy import score_rows
+from forgetting.evals.runner import EvalSettings, evaluate, load_for_eval, metric_entries
+from forgetting.harness.configlib import from_dict, knob
+from forgetting.harness.errors import HarnessError, RunError, UserError
+from forgetting.harness.experiment import primary_metric
+from forgetting.reports.tidy import score_rows
 
 MAX_EXACT = 2**20  # sign patterns (after grouping ties) enumerated exactly; Monte Carlo above
 PERMUTATIONS = 20000

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports.forgetting import TWO_SIDED
+from forgetting.reports.forgetting import TWO_SIDED
 
 
 def _png(fig) -> bytes:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.experiment import Experiment, primary_metric, stage_dir, units
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from harness.records import Records
-from reports import continual
-from reports.plots import _png
-from reports.render import Section, to_markdown
-from reports.tidy import example_rows
+from forgetting.harness.experiment import Experiment, primary_metric, stage_dir, units
+from forgetting.harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from forgetting.harness.records import Records
+from forgetting.reports import continual
+from forgetting.reports.plots import _png
+from forgetting.reports.render import Section, to_markdown
+from forgetting.reports.tidy import example_rows
 
 
 def stage_examples(run_dir: Path, exp: Experiment) -> pd.DataFrame:

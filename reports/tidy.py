@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.runner import metric_entries
-from harness.experiment import load_saved_experiment, units
-from harness.records import Records
+from forgetting.evals.runner import metric_entries
+from forgetting.harness.experiment import load_saved_experiment, units
+from forgetting.harness.records import Records
 
 # Lower-is-better metrics, for results that do not say (lm-eval's `higher_is_better` is used when present)
 LOWER_IS_BETTER = {"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "leak_rate", "empty_rate"}

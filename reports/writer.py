@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.errors import UserError
-from harness.experiment import load_saved_experiment
-from harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from reports import plots
-from reports.curves import curve_sections
-from reports.forgetting import LOSS_TEXT, benchmark_table, strategy_table
-from reports.instruction import health_table, ifeval_table, instruction_types
-from reports.render import Section, interval, number, percent, to_html, to_markdown
-from reports.sequence import continual_sections
-from reports.tidy import build_tables
+from forgetting.harness.errors import UserError
+from forgetting.harness.experiment import load_saved_experiment
+from forgetting.harness.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from forgetting.reports import plots
+from forgetting.reports.curves import curve_sections
+from forgetting.reports.forgetting import LOSS_TEXT, benchmark_table, strategy_table
+from forgetting.reports.instruction import health_table, ifeval_table, instruction_types
+from forgetting.reports.render import Section, interval, number, percent, to_html, to_markdown
+from forgetting.reports.sequence import continual_sections
+from forgetting.reports.tidy import build_tables
 
 
 def _finite(value) -> bool:

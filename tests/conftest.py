@@ -16,10 +16,10 @@ os.environ["FORGETTING_CPU_BF16"] = "emulated"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from harness.config import DataConfig, ModelConfig  # noqa: E402
-from harness.data import load_conversations, tokenize_all  # noqa: E402
-from harness.formats import attach_format  # noqa: E402
-from harness.models import load_tokenizer, tiny_model  # noqa: E402
+from forgetting.harness.config import DataConfig, ModelConfig  # noqa: E402
+from forgetting.harness.data import load_conversations, tokenize_all  # noqa: E402
+from forgetting.harness.formats import attach_format  # noqa: E402
+from forgetting.harness.models import load_tokenizer, tiny_model  # noqa: E402
 from tests.helpers import byte_tokenizer as build_byte_tokenizer  # noqa: E402
 from tests.helpers import conversation  # noqa: E402, F401
 

@@ -10,10 +10,10 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from harness.batching import collate
-from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
-from harness.job import TrainJob, load_job
-from harness.loss import summed_response_loss
+from forgetting.harness.batching import collate
+from forgetting.harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
+from forgetting.harness.job import TrainJob, load_job
+from forgetting.harness.loss import summed_response_loss
 
 # the byte tokenizer's special tokens, spelled as the embedded model's tokenizer spells them
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from harness.batching import collate
-from harness.job import load_job
-from harness.loss import summed_response_loss
-from harness.sharding import local
-from harness.train import make_accelerator, setup, train_step
+from forgetting.harness.batching import collate
+from forgetting.harness.job import load_job
+from forgetting.harness.loss import summed_response_loss
+from forgetting.harness.sharding import local
+from forgetting.harness.train import make_accelerator, setup, train_step
 
 
 def held_bytes(run) -> dict:

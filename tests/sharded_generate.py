@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from harness.config import ModelConfig
-from harness.models import load_tokenizer, tiny_model
-from harness.sharding import shard_model
-from mitigations.rehearsal import general_prompts, synthesize
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.models import load_tokenizer, tiny_model
+from forgetting.harness.sharding import shard_model
+from forgetting.mitigations.rehearsal import general_prompts, synthesize
 
 
 def answers(sharded: bool) -> list:

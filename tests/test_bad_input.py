@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from harness.cli import main
+from forgetting.harness.cli import main
 
 TINY = ["model.name_or_path=tiny-random"]
 
@@ -17,7 +17,7 @@ TINY = ["model.name_or_path=tiny-random"]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
     """Inputs shared by the cases: good and broken data, configs, checkpoints, results files."""
-    from harness.models import tiny_model
+    from forgetting.harness.models import tiny_model
 
     root = tmp_path_factory.mktemp("bad")
     good = root / "good.jsonl"
@@ -219,7 +219,7 @@ def test_bad_input_is_one_line_with_its_exit_code_and_writes_nothing(files, caps
 
 def test_a_full_disk_is_one_line_exit_1_and_leaves_no_partial_file(files, tmp_path, capsys, monkeypatch):
     """ENOSPC while writing results: the target never appears, not even partly."""
-    from harness import io
+    from forgetting.harness import io
 
     real_fdopen = io.os.fdopen
 

@@ -10,10 +10,10 @@ from decimal import Decimal
 import pytest
 from lm_eval.api.model import LM
 
-from harness import builtin_dates, builtin_sentiment, builtin_task, builtin_units
-from harness.config import DataConfig
-from harness.data import load_conversations
-from harness.errors import UserError
+from forgetting.harness import builtin_dates, builtin_sentiment, builtin_task, builtin_units
+from forgetting.harness.config import DataConfig
+from forgetting.harness.data import load_conversations
+from forgetting.harness.errors import UserError
 
 MODULES = {"units": builtin_units, "dates": builtin_dates, "sentiment": builtin_sentiment}
 
@@ -180,7 +180,7 @@ class HandMadeLM(LM):
 def test_lm_eval_tasks_score_exact_match_and_format_validity():
     from lm_eval import simple_evaluate
 
-    from evals.runner import EvalSettings, task_manager
+    from forgetting.evals.runner import EvalSettings, task_manager
 
     tasks = [f"forgetting_target_{name}" for name in MODULES]
     results = simple_evaluate(
@@ -197,7 +197,7 @@ def test_lm_eval_tasks_score_exact_match_and_format_validity():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_scorers_on_hand_made_predictions(name):
-    from evals.tasks import utils
+    from forgetting.evals.tasks import utils
 
     score = getattr(utils, f"score_target_{name}")
     doc = MODULES[name].records("heldout", 1)[0]

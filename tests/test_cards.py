@@ -12,9 +12,9 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
-from harness import hub
-from harness.card import write_cards
-from harness.cli import main
+from forgetting.harness import hub
+from forgetting.harness.card import write_cards
+from forgetting.harness.cli import main
 from tests.helpers import write
 from tests.test_experiment import experiment
 

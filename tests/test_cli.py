@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from harness.cli import main
+from forgetting.harness.cli import main
 
 
 def run_cli(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "forgetting", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["config"], ["data"]])
@@ -43,7 +43,7 @@ def test_help_on_every_command(command, capsys):
 )
 def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, overrides, quick):
     """`forgetting run EXP.yaml --quick output_dir=x` must not fail with 'unrecognized arguments'."""
-    from harness import commands
+    from forgetting.harness import commands
 
     seen = {}
     for name in ("cmd_run", "cmd_train", "cmd_data", "cmd_config"):  # record the parsed line instead of working
@@ -62,7 +62,7 @@ def test_overrides_are_accepted_anywhere_on_the_line(monkeypatch, argv, config, 
     ],
 )
 def test_unknown_flags_and_overrides_for_commands_without_them_are_usage_errors(monkeypatch, argv, capsys):
-    from harness import commands
+    from forgetting.harness import commands
 
     for name in ("cmd_run", "cmd_train", "cmd_report", "cmd_eval"):
         monkeypatch.setattr(commands, name, lambda args: 0)
@@ -122,7 +122,7 @@ def test_data_command_shows_the_mask():
 
 @pytest.mark.slow  # several processes, each importing torch, transformers and lm-eval
 def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tokenizer):
-    from harness.models import tiny_model
+    from forgetting.harness.models import tiny_model
 
     checkpoint = tmp_path / "ckpt"
     tiny_model(len(tokenizer)).save_pretrained(checkpoint)
@@ -152,7 +152,7 @@ def test_eval_command_writes_results_and_never_overwrites_silently(tmp_path, tok
 def test_readme_config_reference_is_the_generated_one():
     from pathlib import Path
 
-    from harness.commands import reference
+    from forgetting.harness.commands import reference
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert reference() in readme, "README's config reference is stale: paste `forgetting config --reference`"

@@ -7,9 +7,9 @@ from typing import ClassVar, Optional
 
 import pytest
 
-from harness.configlib import apply_overrides, describe, from_dict, knob
-from harness.errors import UserError
-from harness.job import TrainJob, load_job
+from forgetting.harness.configlib import apply_overrides, describe, from_dict, knob
+from forgetting.harness.errors import UserError
+from forgetting.harness.job import TrainJob, load_job
 from tests.helpers import write
 
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.cli import main
-from harness.config import DataConfig
-from harness.configlib import to_dict
-from harness.data import load_conversations
-from harness.errors import UserError
-from harness.experiment import load_experiment, units
+from forgetting.harness.cli import main
+from forgetting.harness.config import DataConfig
+from forgetting.harness.configlib import to_dict
+from forgetting.harness.data import load_conversations
+from forgetting.harness.errors import UserError
+from forgetting.harness.experiment import load_experiment, units
 from tests.helpers import write
 from tests.test_experiment import TASKS, experiment
 
@@ -103,7 +103,7 @@ def test_a_three_stage_sequence_reports_the_matrix_and_resumes_after_a_kill_betw
     reference = sequence(tmp_path, output_dir=str(tmp_path / "straight"))
     assert main(["run", str(write(tmp_path, "straight.yaml", reference))]) == 0
     path = write(tmp_path, "killed.yaml", sequence(tmp_path, output_dir=str(tmp_path / "killed")))
-    command = [sys.executable, "-m", "harness", "run", str(path)]
+    command = [sys.executable, "-m", "forgetting", "run", str(path)]
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second_stage = tmp_path / "killed" / "units" / "naive__seed0" / "stages" / "2_units" / "train"
     deadline = time.monotonic() + 600
@@ -162,7 +162,7 @@ def test_online_ewc_fisher_over_stages_is_the_online_formula(tmp_path):
 def test_the_replay_buffer_draws_only_from_earlier_stages_with_their_quotas(tmp_path):
     """Stage 3's buffer: 3 examples from each of stages 1 and 2 (the configured size per stage), each one of that
     stage's training examples, none of stage 3's; the same buffer on a rerun (seeded)."""
-    from harness.pipeline import write_replay_buffer
+    from forgetting.harness.pipeline import write_replay_buffer
 
     exp = load_experiment(str(write(tmp_path, "exp.yaml", sequence(tmp_path))))
     unit = next(u for u in units(exp) if u.family == "replay")

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.errors import UserError
-from reports.continual import (
+from forgetting.harness.errors import UserError
+from forgetting.reports.continual import (
     DEFINITIONS,
     average_accuracy,
     backward_transfer,
@@ -29,7 +29,7 @@ from reports.continual import (
     transfer_table,
     with_base,
 )
-from reports.render import markdown_table
+from forgetting.reports.render import markdown_table
 
 TASKS = ["forgetting_a", "forgetting_b", "forgetting_c"]
 # R[i][j]: row 0 the base model, row i after stage i; column j-1 task j (learned at stage j)
@@ -293,7 +293,7 @@ def test_curve_figures():
 
 
 def test_built_from_lm_eval_samples_as_the_docstring_says():
-    from reports.tidy import example_rows  # imports lm-eval's runner: only this test pays for it
+    from forgetting.reports.tidy import example_rows  # imports lm-eval's runner: only this test pays for it
 
     def results(scores: dict[str, list[float]]) -> dict:
         samples = {

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from harness.cli import main
+from forgetting.harness.cli import main
 from tests.helpers import write
 
 EXPERIMENT = {
@@ -45,7 +45,7 @@ def _start_run(config, output):
     """`forgetting run CONFIG` in a new process, its stdout and stderr into the files output.out and output.err."""
     with open(f"{output}.out", "w") as out, open(f"{output}.err", "w") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "harness", "run", str(config)], env=_env(), stdout=out, stderr=err
+            [sys.executable, "-m", "forgetting", "run", str(config)], env=_env(), stdout=out, stderr=err
         )
 
 
@@ -85,7 +85,7 @@ def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
         process.wait()
     # the last rerun has a budget (an uninterrupted run's time four times over, and room for a busy machine)
     final = subprocess.run(
-        [sys.executable, "-m", "harness", "run", str(crashed)],
+        [sys.executable, "-m", "forgetting", "run", str(crashed)],
         env=_env(),
         capture_output=True,
         text=True,
@@ -107,10 +107,12 @@ def test_killed_anywhere_the_rerun_ends_with_the_uninterrupted_tables(tmp_path):
 # Run `forgetting run` in a subprocess that SIGKILLs itself at the Nth call of a function of one phase.
 KILLER = """
 import os, signal, sys
-import evals.runner, harness.train, reports.plots
+from forgetting.evals import runner
+from forgetting.harness import train
+from forgetting.reports import plots
 target, after = sys.argv[1], int(sys.argv[2])
-module, name = {"evaluate": (evals.runner, "evaluate"), "loss_step": (harness.train, "loss_step"),
-                "loss_plot": (reports.plots, "loss_plot")}[target]
+module, name = {"evaluate": (runner, "evaluate"), "loss_step": (train, "loss_step"),
+                "loss_plot": (plots, "loss_plot")}[target]
 real, calls = getattr(module, name), [0]
 def dying(*args, **kwargs):
     calls[0] += 1
@@ -118,7 +120,7 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 setattr(module, name, dying)
-from harness.cli import main
+from forgetting.harness.cli import main
 sys.exit(main(["run", sys.argv[3]]))
 """
 
@@ -180,7 +182,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_the_rerun_ends_bitwise_equal(tmp_p
     def command(out):
         args = ["model.name_or_path=tiny-random", "data.limit=32", "train.batch_size=4", "train.max_steps=30"]
         args += ["train.lr=1e-3", "train.progress=false", f"output_dir={out}"]
-        return [sys.executable, "-m", "harness", "train", *args]
+        return [sys.executable, "-m", "forgetting", "train", *args]
 
     reference = subprocess.run(command(tmp_path / "ref"), env=_env(), capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-2000:]

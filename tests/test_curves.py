@@ -14,13 +14,13 @@ from contextlib import nullcontext
 import pandas as pd
 import pytest
 
-from evals.curve import Curve, read_curve
-from evals.runner import EvalSettings, document_indices
-from harness import train as train_module
-from harness.cli import main
-from harness.errors import UserError
-from harness.experiment import load_experiment
-from harness.train import train
+from forgetting.evals.curve import Curve, read_curve
+from forgetting.evals.runner import EvalSettings, document_indices
+from forgetting.harness import train as train_module
+from forgetting.harness.cli import main
+from forgetting.harness.errors import UserError
+from forgetting.harness.experiment import load_experiment
+from forgetting.harness.train import train
 from tests.helpers import tiny_job, write
 from tests.test_distributed import free_port
 from tests.test_experiment import TASKS, experiment
@@ -228,7 +228,7 @@ def test_two_ddp_processes_give_the_one_process_curve(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     two = subprocess.run(
-        [*launch, "-m", "harness", "run", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True
+        [*launch, "-m", "forgetting", "run", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("curve: step 2/2") == 1

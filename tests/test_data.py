@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from harness import builtin_task
-from harness.config import DataConfig
-from harness.data import load_conversations
-from harness.errors import UserError
+from forgetting.harness import builtin_task
+from forgetting.harness.config import DataConfig
+from forgetting.harness.data import load_conversations
+from forgetting.harness.errors import UserError
 
 ALPACA = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Greet", "input": "", "output": "Hi"}]
 PAIRS = [{"question": "Capital of France?", "answer": "Paris"}]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.job import load_job
-from harness.train import train
+from forgetting.harness.job import load_job
+from forgetting.harness.train import train
 
 
 @pytest.mark.slow

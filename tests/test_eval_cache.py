@@ -14,17 +14,17 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from evals.runner import (
+from forgetting.evals.runner import (
     EvalSettings,
     evaluate,
     load_for_eval,
     model_fingerprint,
     read_cache_entry,
 )
-from harness.config import ModelConfig
-from harness.errors import RunError
-from harness.formats import attach_format
-from harness.models import (
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.errors import RunError
+from forgetting.harness.formats import attach_format
+from forgetting.harness.models import (
     files_fingerprint,
     safetensors_header,
     source_directory,
@@ -176,7 +176,7 @@ def test_a_damaged_cache_entry_is_a_miss_and_is_replaced(tiny, tmp_path, damage)
 
 WRITER = """
 import sys
-from harness.io import atomic_write_json
+from forgetting.harness.io import atomic_write_json
 path, tag = sys.argv[1], sys.argv[2]
 entry = {"results": {"task": {"tag": tag, "padding": "x" * 400_000}}, "samples": {"task": list(range(50_000))}}
 for _ in range(int(sys.argv[3])):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from lm_eval.api.model import LM
 
-from evals.runner import EvalSettings, evaluate, headline, task_manager
-from harness.errors import UserError
-from harness.models import weights_fingerprint
+from forgetting.evals.runner import EvalSettings, evaluate, headline, task_manager
+from forgetting.harness.errors import UserError
+from forgetting.harness.models import weights_fingerprint
 
 
 class OracleLM(LM):
@@ -42,7 +42,7 @@ class OracleLM(LM):
 def oracle_results(right: bool, limit: int = 20) -> dict:
     from lm_eval import simple_evaluate
 
-    from evals.nltk_offline import ensure_punkt_tab
+    from forgetting.evals.nltk_offline import ensure_punkt_tab
 
     ensure_punkt_tab()
     settings = EvalSettings(tasks=["forgetting_knowledge", "forgetting_target", "forgetting_prose"], limit=limit)
@@ -63,7 +63,7 @@ def test_oracle_scores_every_task_perfectly_and_a_wrong_lm_scores_zero():
 
 
 def test_format_health_scores():
-    from evals.tasks.utils import score_format_health
+    from forgetting.evals.tasks.utils import score_format_health
 
     clean = score_format_health({}, ["A short answer."])
     assert clean == {"leak_rate": 0.0, "response_words": 3.0, "ends_cleanly": 1.0, "empty_rate": 0.0}
@@ -73,8 +73,8 @@ def test_format_health_scores():
 
 
 def test_suite_data_is_sized_and_balanced():
-    from evals.ifeval_prompts import prompts
-    from evals.knowledge import CATEGORIES, items
+    from forgetting.evals.ifeval_prompts import prompts
+    from forgetting.evals.knowledge import CATEGORIES, items
 
     knowledge = items()
     assert len(knowledge) >= 300 and {i["category"] for i in knowledge} == set(CATEGORIES)
@@ -87,7 +87,7 @@ def test_suite_data_is_sized_and_balanced():
 
 SCRIPT = """
 import json, sys
-from evals.tasks.utils import score_ifeval
+from forgetting.evals.tasks.utils import score_ifeval
 doc = {"key": 0, "prompt": "p", "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma",
        "length_constraints:number_sentences"], "kwargs": [{}, {}, {"relation": "less than", "num_sentences": 3}]}
 print(json.dumps([score_ifeval(doc, [text]) for text in sys.argv[1:]]))
@@ -112,8 +112,8 @@ def test_ifeval_checkers_run_offline_with_a_fresh_cache(tmp_path):
 def tiny_eval_model(tokenizer):
     import copy
 
-    from harness.formats import attach_format
-    from harness.models import tiny_model
+    from forgetting.harness.formats import attach_format
+    from forgetting.harness.models import tiny_model
 
     tok = copy.deepcopy(tokenizer)
     attach_format(tok, "chatml")
@@ -171,7 +171,7 @@ def test_unknown_task_is_a_one_line_error(tiny_eval_model):
 
 @pytest.mark.slow
 def test_harness_score_equals_the_lm_eval_cli_on_a_saved_checkpoint(tiny_eval_model, tmp_path):
-    from evals.runner import TASKS_DIR, load_for_eval
+    from forgetting.evals.runner import TASKS_DIR, load_for_eval
 
     model, tok = tiny_eval_model
     checkpoint = tmp_path / "checkpoint"
@@ -218,7 +218,7 @@ def test_harness_score_equals_the_lm_eval_cli_on_a_saved_checkpoint(tiny_eval_mo
 def test_base_plus_peft_adapter_goes_through_the_same_path(tiny_eval_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from evals.runner import load_for_eval
+    from forgetting.evals.runner import load_for_eval
 
     model, tok = tiny_eval_model
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
@@ -257,7 +257,7 @@ def checkout_copy(tmp_path_factory):
     """The offline tasks and the project modules beside them, copied as another checkout would hold them."""
     import shutil
 
-    from evals import runner
+    from forgetting.evals import runner
 
     root = tmp_path_factory.mktemp("checkout")
     shutil.copytree(runner.TASKS_DIR, root / "evals" / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
@@ -277,7 +277,7 @@ def key_case(checkout_copy, tiny_eval_model, monkeypatch, tmp_path):
 
     import nltk
 
-    from evals import runner
+    from forgetting.evals import runner
 
     monkeypatch.setattr(runner, "TASKS_DIR", checkout_copy / "evals" / "tasks")
     monkeypatch.setattr(runner, "PROJECT_ROOT", checkout_copy)
@@ -364,7 +364,7 @@ def test_what_changes_a_score_changes_the_cache_key(key_case, case):
 def test_the_same_things_keep_the_cache_key(key_case, tiny_eval_model, tmp_path):
     import copy
 
-    from evals import runner
+    from forgetting.evals import runner
 
     context, key = key_case
     model, tok = tiny_eval_model
@@ -412,7 +412,7 @@ def test_the_adapter_config_is_part_of_the_fingerprint(tiny_eval_model):
 def test_the_offline_suite_needs_no_index_of_lm_evals_tasks_and_keeps_its_keys(tiny_eval_model):
     from lm_eval.tasks import TaskManager
 
-    from evals import runner
+    from forgetting.evals import runner
 
     model, tok = tiny_eval_model
     settings = EvalSettings(tasks=["forgetting_target"])
@@ -427,10 +427,10 @@ def test_the_offline_suite_needs_no_index_of_lm_evals_tasks_and_keeps_its_keys(t
 
 
 NO_GIT_SCRIPT = """
-from harness.config import ModelConfig
-from harness.formats import attach_format
-from harness.models import load_tokenizer, tiny_model
-from evals.runner import EvalSettings, evaluate
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.formats import attach_format
+from forgetting.harness.models import load_tokenizer, tiny_model
+from forgetting.evals.runner import EvalSettings, evaluate
 tok = load_tokenizer(ModelConfig())
 attach_format(tok, "chatml")
 evaluate(tiny_model(len(tok), seed=1).eval(), tok, EvalSettings(tasks=["forgetting_knowledge"], limit=1, batch_size=1))
@@ -439,7 +439,7 @@ print("evaluated")
 
 
 def test_evaluating_outside_a_git_checkout_prints_no_git_error(tmp_path):
-    from evals.runner import PROJECT_ROOT
+    from forgetting.evals.runner import PROJECT_ROOT
 
     env = dict(
         os.environ,

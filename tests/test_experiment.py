@@ -8,9 +8,9 @@ import json
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.errors import UserError
-from harness.experiment import load_experiment, units
+from forgetting.harness.cli import main
+from forgetting.harness.errors import UserError
+from forgetting.harness.experiment import load_experiment, units
 from tests.helpers import write
 
 TASKS = ["forgetting_knowledge", "forgetting_target", "forgetting_prose", "forgetting_ifeval"]
@@ -330,11 +330,11 @@ NEW_STRATEGIES = [
 
 
 def test_a_run_directory_saved_with_older_mitigation_keys_resumes_and_reports_as_today(tmp_path):
-    from harness.configlib import to_dict
-    from harness.experiment import load_saved_experiment
-    from harness.io import atomic_write_yaml
-    from harness.pipeline import open_run_dir
-    from mitigations import upgrade_specs
+    from forgetting.harness.configlib import to_dict
+    from forgetting.harness.experiment import load_saved_experiment
+    from forgetting.harness.io import atomic_write_yaml
+    from forgetting.harness.pipeline import open_run_dir
+    from forgetting.mitigations import upgrade_specs
 
     write(tmp_path, "new.yaml", {"strategies": NEW_STRATEGIES, "output_dir": str(tmp_path / "run")})
     exp = load_experiment(str(tmp_path / "new.yaml"))

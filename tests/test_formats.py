@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import DataConfig
-from harness.data import tokenize_all
-from harness.formats import (
+from forgetting.harness.config import DataConfig
+from forgetting.harness.data import tokenize_all
+from forgetting.harness.formats import (
     FORMAT_NAMES,
     IGNORE_INDEX,
     Example,

@@ -12,10 +12,10 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from harness.cli import main
-from harness.configlib import from_dict
-from harness.errors import RunError
-from reports.gate import Thresholds, compare, holm, junit_xml, markdown, sign_flip_pvalue
+from forgetting.harness.cli import main
+from forgetting.harness.configlib import from_dict
+from forgetting.harness.errors import RunError
+from forgetting.reports.gate import Thresholds, compare, holm, junit_xml, markdown, sign_flip_pvalue
 
 PRIMARY = {"forgetting_knowledge": "acc", "forgetting_prose": "bits_per_byte", "forgetting_target": "exact_match"}
 
@@ -408,7 +408,7 @@ def test_gate_with_a_model_as_baseline_evaluates_both_the_same_way(tmp_path, cap
     ],
 )
 def test_a_runtime_failure_exits_3_never_1(monkeypatch, tmp_path, capsys, error):
-    from reports import gate
+    from forgetting.reports import gate
 
     def crash(*args, **kwargs):
         raise error
@@ -434,7 +434,7 @@ def test_exact_pvalue_over_thousands_of_tied_documents_is_the_binomial_tail():
     from fractions import Fraction
     from math import comb
 
-    from reports.gate import sign_flip_pvalue
+    from forgetting.reports.gate import sign_flip_pvalue
 
     diffs = np.zeros(3000)
     diffs[:1600], diffs[1600:] = 1.0, -1.0

@@ -8,19 +8,19 @@ from types import SimpleNamespace
 
 import pytest
 
-import mitigations.ewc as ewc_module
-import mitigations.kl_to_base as kl_module
-import mitigations.replay as replay_module
-from harness.config import DataConfig
-from harness.configlib import describe, from_dict
-from harness.errors import UserError
-from harness.formats import template_for, tokenize_conversation
-from harness.job import load_job
-from mitigations.ewc import EWC, EWCConfig
-from mitigations.general_data import GeneralData
-from mitigations.kl_to_base import KLToBase, KLToBaseConfig
-from mitigations.rehearsal import general_prompts
-from mitigations.replay import Replay, ReplayConfig
+import forgetting.mitigations.ewc as ewc_module
+import forgetting.mitigations.kl_to_base as kl_module
+import forgetting.mitigations.replay as replay_module
+from forgetting.harness.config import DataConfig
+from forgetting.harness.configlib import describe, from_dict
+from forgetting.harness.errors import UserError
+from forgetting.harness.formats import template_for, tokenize_conversation
+from forgetting.harness.job import load_job
+from forgetting.mitigations.ewc import EWC, EWCConfig
+from forgetting.mitigations.general_data import GeneralData
+from forgetting.mitigations.kl_to_base import KLToBase, KLToBaseConfig
+from forgetting.mitigations.rehearsal import general_prompts
+from forgetting.mitigations.replay import Replay, ReplayConfig
 from tests.helpers import conversation, examples_for, memorise
 
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness.errors import UserError
-from harness.job import load_job
-from harness.train import train
-from mitigations import REGISTRY, build_mitigations, chain, register_mitigation, validate_specs
+from forgetting.harness.errors import UserError
+from forgetting.harness.job import load_job
+from forgetting.harness.train import train
+from forgetting.mitigations import REGISTRY, build_mitigations, chain, register_mitigation, validate_specs
 from tests.helpers import tiny_job
 
 

@@ -10,10 +10,10 @@ import json
 import datasets
 import pytest
 
-from harness import data
-from harness.config import DataConfig
-from harness.data import load_conversations
-from harness.errors import UserError
+from forgetting.harness import data
+from forgetting.harness.config import DataConfig
+from forgetting.harness.data import load_conversations
+from forgetting.harness.errors import UserError
 
 CONFIGS = ("main", "socratic")  # openai/gsm8k's two configs
 
@@ -102,7 +102,7 @@ def test_an_experiments_data_hashes_tell_a_datasets_configs_apart(tmp_path):
     (Streamed: the files are read as they are now; a prepared split is `datasets`' cached copy.)"""
     from types import SimpleNamespace
 
-    from harness.pipeline import check_same_data, data_hashes
+    from forgetting.harness.pipeline import check_same_data, data_hashes
 
     folder = write_dataset(tmp_path / "gsm8k_like")
     unit_list = [

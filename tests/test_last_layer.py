@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import last_layer, packing
-from harness.batching import collate
+from forgetting.harness import last_layer, packing
+from forgetting.harness.batching import collate
 from tests.helpers import loss_and_grads, tiny_job
 
 
@@ -112,7 +112,7 @@ def test_a_compiled_or_checkpointing_model_is_left_alone(make_tiny, prepare):
 
 @pytest.mark.parametrize("overrides, used", [([], True), (["train.gradient_checkpointing=true"], False)])
 def test_the_training_loop_uses_it_except_with_checkpointing(tmp_path, monkeypatch, overrides, used):
-    from harness import train as train_module
+    from forgetting.harness import train as train_module
 
     seen = []
     real_enable = last_layer.enable

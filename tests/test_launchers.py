@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import cli
-from harness.cli import main
-from harness.errors import UserError
-from harness.experiment import load_experiment
-from harness.launchers import LAUNCHERS, SAVE_GRACE, SLURM_DEFAULTS, Launch, plan, slurm_options
+from forgetting.harness import cli
+from forgetting.harness.cli import main
+from forgetting.harness.errors import UserError
+from forgetting.harness.experiment import load_experiment
+from forgetting.harness.launchers import LAUNCHERS, SAVE_GRACE, SLURM_DEFAULTS, Launch, plan, slurm_options
 from tests.helpers import write
 from tests.test_distributed import free_port
 from tests.test_experiment import experiment
@@ -85,7 +85,7 @@ def _run(tmp_path, name: str, *flags: str) -> subprocess.Popen:
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)  # a local cluster, started by the launcher
-    command = [sys.executable, "-m", "harness", "run", str(write(tmp_path, f"{name}.yaml", config)), *flags]
+    command = [sys.executable, "-m", "forgetting", "run", str(write(tmp_path, f"{name}.yaml", config)), *flags]
     with open(tmp_path / f"{name}.log", "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=tmp_path)
 
@@ -149,7 +149,7 @@ def test_under_torchrun_one_process_evaluates_and_writes(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     two = subprocess.run(
-        [*launch, "-m", "harness", "run", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True
+        [*launch, "-m", "forgetting", "run", str(path)], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert main(["run", str(path), f"output_dir={tmp_path / 'one'}"]) == 0

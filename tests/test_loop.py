@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from harness import last_layer
-from harness.configlib import knob
-from harness.errors import RunError
-from harness.train import train
-from mitigations import REGISTRY, register_mitigation
+from forgetting.harness import last_layer
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import RunError
+from forgetting.harness.train import train
+from forgetting.mitigations import REGISTRY, register_mitigation
 from tests.helpers import tiny_job
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from harness.batching import collate, target_tokens
-from harness.formats import FORMAT_NAMES, IGNORE_INDEX, template_for, tokenize_conversation
-from harness.loss import summed_response_loss
-from harness.train import accumulate_gradients
+from forgetting.harness.batching import collate, target_tokens
+from forgetting.harness.formats import FORMAT_NAMES, IGNORE_INDEX, template_for, tokenize_conversation
+from forgetting.harness.loss import summed_response_loss
+from forgetting.harness.train import accumulate_gradients
 from tests.helpers import conversation
 
 CONVERSATIONS = [

@@ -26,14 +26,14 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import harness.merging as merging
-from harness.config import ModelConfig
-from harness.errors import UserError
-from harness.merging import WeightFiles, base_weight_files, weight_files, write_weights
-from harness.models import tiny_model
-from harness.sharding import shard_model
-from mitigations.lora import Lora, LoraMitigationConfig
-from mitigations.wise_ft import WiseFT, WiseFTConfig
+import forgetting.harness.merging as merging
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.errors import UserError
+from forgetting.harness.merging import WeightFiles, base_weight_files, weight_files, write_weights
+from forgetting.harness.models import tiny_model
+from forgetting.harness.sharding import shard_model
+from forgetting.mitigations.lora import Lora, LoraMitigationConfig
+from forgetting.mitigations.wise_ft import WiseFT, WiseFTConfig
 
 
 def ctx_for(tmp_path: Path, tokenizer, source: str = "tiny-random", is_main: bool = True):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
-from mitigations.ewc import EWC, EWCConfig
-from mitigations.general_data import GeneralData
+from forgetting.harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
+from forgetting.mitigations.ewc import EWC, EWCConfig
+from forgetting.mitigations.general_data import GeneralData
 from tests.helpers import conversation, examples_for, memorise, reference_fisher, write_general_text
 from tests.test_mitigations import job
 
@@ -35,7 +35,7 @@ def ctx_for(tokenizer, examples, output_dir):
 
 
 def test_cut_rehearsal_answers_get_no_loss_on_the_end_marker(tokenizer, make_tiny, tmp_path):
-    from mitigations.rehearsal import general_prompts, self_rehearsal
+    from forgetting.mitigations.rehearsal import general_prompts, self_rehearsal
 
     template = template_for("chatml", tokenizer)
     prompts = general_prompts(3)
@@ -61,7 +61,7 @@ def test_cut_rehearsal_answers_get_no_loss_on_the_end_marker(tokenizer, make_tin
 
 
 def test_plain_text_cut_by_max_seq_len_gets_no_end_marker(byte_tokenizer):
-    from mitigations.general_data import text_example
+    from forgetting.mitigations.general_data import text_example
 
     text = "The sun is a star and the moon is not a star at all, whatever people say."
     ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -112,7 +112,7 @@ def loss_tokens(e: Example) -> int:  # what the loss counts: labelled positions 
 
 
 def test_replay_by_target_tokens_meets_the_ratio_of_loss_tokens(byte_tokenizer):
-    from mitigations.replay import ReplayConfig, fill_quota
+    from forgetting.mitigations.replay import ReplayConfig, fill_quota
 
     assert ReplayConfig().by == "target_tokens"
     pool = conversations_of(byte_tokenizer, [3, 9, 27, 40, 5], "blue")
@@ -124,7 +124,7 @@ def test_replay_by_target_tokens_meets_the_ratio_of_loss_tokens(byte_tokenizer):
 
 
 def test_replay_report_records_the_realised_share_by_every_measure(byte_tokenizer, tmp_path):
-    from mitigations.replay import Replay, ReplayConfig
+    from forgetting.mitigations.replay import Replay, ReplayConfig
 
     sft = conversations_of(byte_tokenizer, [2, 4, 30] * 10, "red")
     source = write_general_text(tmp_path)
@@ -141,7 +141,7 @@ def test_replay_report_records_the_realised_share_by_every_measure(byte_tokenize
 
 
 def lora_model(make_tiny):
-    from mitigations.lora import Lora, LoraMitigationConfig
+    from forgetting.mitigations.lora import Lora, LoraMitigationConfig
 
     config = LoraMitigationConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
     return Lora(config).wrap_model(make_tiny(), None)
@@ -196,9 +196,9 @@ def test_ewc_with_lora_penalises_the_effective_weight_update(tokenizer, make_tin
 
 
 def test_kl_to_base_batches_after_a_resume_equal_the_uninterrupted_run(tmp_path, monkeypatch):
-    import harness.train as train_module
-    import mitigations.kl_to_base as kl_module
-    from harness.train import train
+    import forgetting.harness.train as train_module
+    import forgetting.mitigations.kl_to_base as kl_module
+    from forgetting.harness.train import train
 
     spec = f"mitigations=[{{name: kl_to_base, data: {{source: {write_general_text(tmp_path)}}}, batch_size: 3}}]"
     args = ("train.max_steps=4", "train.save_every=2", spec)
@@ -252,8 +252,8 @@ def _words(text: str) -> set[str]:
 
 def eval_topic_words() -> set[str]:
     """Every word of the eval suite's own prompt data (knowledge, IFEval / format-health topics, prose, target)."""
-    from evals import ifeval_prompts, knowledge, prose
-    from harness import builtin_task
+    from forgetting.evals import ifeval_prompts, knowledge, prose
+    from forgetting.harness import builtin_task
 
     texts = list(ifeval_prompts.TOPICS) + list(prose.PARAGRAPHS)
     texts += [" ".join([i["question"]] + i["choices"]) for i in knowledge.items()]
@@ -262,7 +262,7 @@ def eval_topic_words() -> set[str]:
 
 
 def test_no_rehearsal_subject_word_is_an_eval_topic_word():
-    from mitigations.rehearsal import SUBJECTS, general_prompts
+    from forgetting.mitigations.rehearsal import SUBJECTS, general_prompts
 
     function_words = {"the", "a", "an", "of", "and", "how", "to", "in", "on", "for"}
     eval_words = eval_topic_words()

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.batching import collate
-from harness.errors import UserError
-from harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
-from harness.train import train
-from mitigations.ewc import EWC, EWCConfig, estimate_fisher
-from mitigations.general_data import GeneralData
-from mitigations.l2sp import L2SP, L2SPConfig
-from mitigations.replay import fill_quota
+from forgetting.harness.batching import collate
+from forgetting.harness.errors import UserError
+from forgetting.harness.formats import IGNORE_INDEX, Example, template_for, tokenize_conversation
+from forgetting.harness.train import train
+from forgetting.mitigations.ewc import EWC, EWCConfig, estimate_fisher
+from forgetting.mitigations.general_data import GeneralData
+from forgetting.mitigations.l2sp import L2SP, L2SPConfig
+from forgetting.mitigations.replay import fill_quota
 from tests.helpers import conversation, examples_for, memorise, reference_fisher, tiny_job, write_general_text
 
 
@@ -104,7 +104,7 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(tokenizer, make_tin
     # not the square of the minibatch mean gradient (the common bug): that one is much smaller
     model.zero_grad()
     batch = collate(examples, tokenizer.pad_token_id)
-    from harness.loss import summed_response_loss
+    from forgetting.harness.loss import summed_response_loss
 
     per_example_means = [
         summed_response_loss(model, collate([e], tokenizer.pad_token_id))
@@ -211,7 +211,7 @@ def test_online_ewc_decays_the_previous_fisher_and_adds_the_new_one(tokenizer, m
 
 
 def test_kl_to_base_matches_the_definition():
-    from mitigations.kl_to_base import kl_base_current
+    from forgetting.mitigations.kl_to_base import kl_base_current
 
     base, current = torch.randn(5, 11), torch.randn(5, 11)
     p, q = torch.softmax(base, -1), torch.softmax(current, -1)
@@ -233,7 +233,7 @@ def test_replay_quota_is_met_and_deterministic():
 
 
 def test_plain_text_replay_gets_full_sequence_labels(byte_tokenizer, tmp_path):
-    from mitigations.general_data import read_texts, text_example
+    from forgetting.mitigations.general_data import read_texts, text_example
 
     (tmp_path / "general.txt").write_text("The sun is a star.\n\nWater is wet.\n")
     texts = read_texts(str(tmp_path / "general.txt"), "train", "text", 10)
@@ -249,7 +249,7 @@ def test_plain_text_replay_gets_full_sequence_labels(byte_tokenizer, tmp_path):
 
 
 def test_self_rehearsal_answers_come_from_the_model(tokenizer, make_tiny, tmp_path):
-    from mitigations.rehearsal import general_prompts, self_rehearsal, synthesize
+    from forgetting.mitigations.rehearsal import general_prompts, self_rehearsal, synthesize
 
     # a tiny model taught to answer every general prompt with a sentence: its answers must be that sentence
     template = template_for("chatml", tokenizer)

@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from harness import models
-from harness.config import ModelConfig
-from harness.errors import UserError
-from harness.models import embedded_gguf_path, load_model, load_tokenizer, pick_dtype, resolve_source
+from forgetting.harness import models
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.errors import UserError
+from forgetting.harness.models import embedded_gguf_path, load_model, load_tokenizer, pick_dtype, resolve_source
 
 
 @pytest.mark.slow

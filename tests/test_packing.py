@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import packing
-from harness.batching import collate, micro_batches
-from harness.errors import RunError, UserError
-from harness.formats import IGNORE_INDEX, Example
-from harness.train import train
+from forgetting.harness import packing
+from forgetting.harness.batching import collate, micro_batches
+from forgetting.harness.errors import RunError, UserError
+from forgetting.harness.formats import IGNORE_INDEX, Example
+from forgetting.harness.train import train
 from tests.helpers import loss_and_grads, tiny_job
 
 

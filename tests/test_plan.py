@@ -15,14 +15,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness import last_layer, packing
-from harness.batching import micro_batches
-from harness.cli import main
-from harness.errors import UserError
-from harness.loss import summed_response_loss
-from harness.plan import Plan, activation_bytes, check_fits, compute_settings, estimate, meta_model, model_info
-from mitigations import build_mitigations
-from mitigations.lora import ALL_LINEAR
+from forgetting.harness import last_layer, packing
+from forgetting.harness.batching import micro_batches
+from forgetting.harness.cli import main
+from forgetting.harness.errors import UserError
+from forgetting.harness.loss import summed_response_loss
+from forgetting.harness.plan import (
+    Plan,
+    activation_bytes,
+    check_fits,
+    compute_settings,
+    estimate,
+    meta_model,
+    model_info,
+)
+from forgetting.mitigations import build_mitigations
+from forgetting.mitigations.lora import ALL_LINEAR
 from tests.helpers import tiny_job, write
 from tests.test_cli import run_cli
 
@@ -186,7 +194,7 @@ def test_plan_command_prints_the_table(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "harness",
+        "forgetting",
         "plan",
         str(config),
         "--processes",
@@ -245,7 +253,7 @@ def test_the_memory_check_leaves_the_random_state_as_it_was(tmp_path):
     train what a run without it trains."""
     from safetensors.torch import load_file
 
-    from harness.train import train
+    from forgetting.harness.train import train
     from tests.helpers import tiny_job
 
     finals = []

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from harness import precision
-from harness.config import ModelConfig
-from harness.errors import UserError
-from harness.models import pick_dtype
-from harness.precision import cpu_bf16, resolve_eval_dtype, resolve_precision
-from harness.train import train
+from forgetting.harness import precision
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.errors import UserError
+from forgetting.harness.models import pick_dtype
+from forgetting.harness.precision import cpu_bf16, resolve_eval_dtype, resolve_precision
+from forgetting.harness.train import train
 from tests.helpers import tiny_job as job
 
 

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from harness.progress import ExperimentProgress, Plan, format_duration
+from forgetting.harness.progress import ExperimentProgress, Plan, format_duration
 
 
 class Clock:

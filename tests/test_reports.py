@@ -14,16 +14,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness.configlib import from_dict, to_dict
-from harness.experiment import Experiment, units
-from reports.stats import (
+from forgetting.harness.configlib import from_dict, to_dict
+from forgetting.harness.experiment import Experiment, units
+from forgetting.reports.stats import (
     align,
     example_transitions,
     paired_bootstrap,
     pareto_front,
     stderr_ci,
 )
-from reports.writer import headline, write_reports
+from forgetting.reports.writer import headline, write_reports
 
 # per-document scores of the fixed run: base, then per unit
 KNOWLEDGE = {
@@ -311,7 +311,7 @@ def test_html_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 def _tables(runs: dict[str, dict[str, tuple[str, bool, list[float]]]]):
     """(scores, examples) of units given as unit -> task -> (metric, higher_is_better, per-document scores)."""
-    from reports.tidy import example_rows, score_rows
+    from forgetting.reports.tidy import example_rows, score_rows
 
     scores, examples = [], []
     for unit, tasks in runs.items():
@@ -339,7 +339,7 @@ def _tables(runs: dict[str, dict[str, tuple[str, bool, list[float]]]]):
 def _ranked(runs, primary: dict[str, str], target: str | None = None):
     from types import SimpleNamespace
 
-    from reports.forgetting import benchmark_table, strategy_table
+    from forgetting.reports.forgetting import benchmark_table, strategy_table
 
     scores, examples = _tables(runs)
     exp = SimpleNamespace(primary_metrics=primary, target_task=target, target_tasks=[target] if target else [])
@@ -432,7 +432,7 @@ def test_longer_answers_count_as_a_length_regression():
 
 
 def test_direction_of_a_metric_lm_eval_left_unlabelled():
-    from reports.tidy import score_rows
+    from forgetting.reports.tidy import score_rows
 
     results = {"results": {"t": {"acc,none": 0.5, "bits_per_byte,none": 0.9, "leak_rate,none": 0.1}}}
     better = {r["metric"]: r["higher_is_better"] for r in score_rows(results, {})}

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evals.runner import EvalSettings, evaluate, load_for_eval, metric_entries
-from harness.config import ModelConfig
-from harness.io import cache_root
-from harness.job import load_job
-from harness.models import empty_model, load_model
-from harness.processes import adopt_slurm_tasks
-from harness.train import train
+from forgetting.evals.runner import EvalSettings, evaluate, load_for_eval, metric_entries
+from forgetting.harness.config import ModelConfig
+from forgetting.harness.io import cache_root
+from forgetting.harness.job import load_job
+from forgetting.harness.models import empty_model, load_model
+from forgetting.harness.processes import adopt_slurm_tasks
+from forgetting.harness.train import train
 from tests.test_distributed import free_port
 
 REPLAY = "Plain text about rivers and mountains.\n\nA second paragraph about the sea and ships.\n"
@@ -309,7 +309,7 @@ def test_processes_started_as_srun_starts_them_train_sharded(sharded_runs, tmp_p
         env.pop(name, None)
     tasks = [
         subprocess.Popen(
-            [sys.executable, "-m", "harness", "train", *job],
+            [sys.executable, "-m", "forgetting", "train", *job],
             env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -331,7 +331,7 @@ def test_deepspeed_is_refused_naming_fsdp(tmp_path):
         ([], {"ACCELERATE_USE_DEEPSPEED": "true"}),  # what `accelerate launch` sets from a DeepSpeed config
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "harness", "train", *BASE, *args, f"output_dir={tmp_path / 'run'}"],
+            [sys.executable, "-m", "forgetting", "train", *BASE, *args, f"output_dir={tmp_path / 'run'}"],
             capture_output=True,
             text=True,
             env=dict(os.environ, **env),

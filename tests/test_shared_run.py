@@ -11,11 +11,11 @@ import sys
 import pytest
 import yaml
 
-from harness.cli import main
-from harness.configlib import to_dict
-from harness.experiment import Experiment, load_experiment
-from harness.job import comparable, load_job
-from harness.records import Records
+from forgetting.harness.cli import main
+from forgetting.harness.configlib import to_dict
+from forgetting.harness.experiment import Experiment, load_experiment
+from forgetting.harness.job import comparable, load_job
+from forgetting.harness.records import Records
 from tests.helpers import write
 from tests.test_experiment import experiment
 
@@ -23,7 +23,7 @@ from tests.test_experiment import experiment
 def _start(path, log):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "harness", "run", str(path)], stdout=out, stderr=out, env=env)
+        return subprocess.Popen([sys.executable, "-m", "forgetting", "run", str(path)], stdout=out, stderr=out, env=env)
 
 
 @pytest.mark.slow

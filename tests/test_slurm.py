@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.cli import main
+from forgetting.harness.cli import main
 from tests.helpers import write
 from tests.slurm_cluster import Cluster, Unavailable
 from tests.test_experiment import experiment
@@ -42,7 +42,7 @@ def slurm_env(tmp_path_factory):
 
 def _start(tmp_path: Path, name: str, config: dict, env_extra: dict, *flags: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", **env_extra)
-    command = [sys.executable, "-m", "harness", "run", str(write(tmp_path, f"{name}.yaml", config)), *flags]
+    command = [sys.executable, "-m", "forgetting", "run", str(write(tmp_path, f"{name}.yaml", config)), *flags]
     with open(tmp_path / f"{name}.log", "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=tmp_path)
 

@@ -11,11 +11,11 @@ from dataclasses import replace
 import datasets
 import yaml
 
-from evals import runner
-from evals.runner import evaluate
-from harness.experiment import load_experiment
-from harness.formats import attach_format
-from harness.models import tiny_model
+from forgetting.evals import runner
+from forgetting.evals.runner import evaluate
+from forgetting.harness.experiment import load_experiment
+from forgetting.harness.formats import attach_format
+from forgetting.harness.models import tiny_model
 
 STANDARD = runner.HUB_TASKS_DIR / "forgetting_standard.yaml"
 # the probes issue 19 asks for, as lm-eval names them

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import train as train_module
-from harness.configlib import knob
-from harness.errors import RunError, UserError
-from harness.optim import lr_factor
-from harness.train import train
-from mitigations import REGISTRY, register_mitigation
+from forgetting.harness import train as train_module
+from forgetting.harness.configlib import knob
+from forgetting.harness.errors import RunError, UserError
+from forgetting.harness.optim import lr_factor
+from forgetting.harness.train import train
+from forgetting.mitigations import REGISTRY, register_mitigation
 from tests.helpers import tiny_job as job
 
 
@@ -51,7 +51,7 @@ def test_frozen_parameters_stay_and_trainable_ones_change(tmp_path, make_tiny):
 
 
 def test_l2sp_penalty_matches_formula_and_pulls_toward_start(tmp_path, make_tiny):
-    from mitigations.l2sp import L2SP, L2SPConfig
+    from forgetting.mitigations.l2sp import L2SP, L2SPConfig
 
     model = make_tiny()
     l2sp = L2SP(L2SPConfig(strength=0.5))
@@ -234,9 +234,9 @@ def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_run_saved_with_older_mitigation_keys_is_claimed_as_the_same_run(tmp_path):
-    from harness.configlib import to_dict
-    from harness.io import atomic_write_yaml
-    from harness.train import finished_run
+    from forgetting.harness.configlib import to_dict
+    from forgetting.harness.io import atomic_write_yaml
+    from forgetting.harness.train import finished_run
 
     run = job(tmp_path, "mitigations=[{name: ewc, data: {source: sft, size: 4}}]")
     saved = dict(to_dict(run), mitigations=[{"name": "ewc", "data": "sft", "samples": 4}])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from harness.job import load_job
-from harness.train import train
+from forgetting.harness.job import load_job
+from forgetting.harness.train import train
 
 
 def main(path: str) -> None:

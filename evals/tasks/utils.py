@@ -1,7 +1,7 @@
 """Hooks for the offline suite's lm-eval tasks: datasets generated in code, and their scoring functions.
 
 Referenced from the YAML files beside this one with `!function utils.<name>`; lm-eval imports this file by
-path, so it only imports from the installed `evals` and `harness` packages.
+path, so it only imports from the installed `forgetting.evals` and `forgetting.harness` packages.
 """
 
 from __future__ import annotations
@@ -14,73 +14,73 @@ def _test_split(rows: list[dict]) -> datasets.DatasetDict:
 
 
 def load_knowledge(**kwargs) -> datasets.DatasetDict:
-    from evals.knowledge import items
+    from forgetting.evals.knowledge import items
 
     return _test_split(items())
 
 
 def load_target(**kwargs) -> datasets.DatasetDict:
-    from harness.builtin_task import records
+    from forgetting.harness.builtin_task import records
 
     return _test_split(records("heldout"))
 
 
 def load_target_units(**kwargs) -> datasets.DatasetDict:
-    from harness.builtin_units import records
+    from forgetting.harness.builtin_units import records
 
     return _test_split(records("heldout"))
 
 
 def load_target_dates(**kwargs) -> datasets.DatasetDict:
-    from harness.builtin_dates import records
+    from forgetting.harness.builtin_dates import records
 
     return _test_split(records("heldout"))
 
 
 def load_target_sentiment(**kwargs) -> datasets.DatasetDict:
-    from harness.builtin_sentiment import records
+    from forgetting.harness.builtin_sentiment import records
 
     return _test_split(records("heldout"))
 
 
 def load_prose(**kwargs) -> datasets.DatasetDict:
-    from evals.prose import PARAGRAPHS
+    from forgetting.evals.prose import PARAGRAPHS
 
     return _test_split([{"text": text} for text in PARAGRAPHS])
 
 
 def load_ifeval(**kwargs) -> datasets.DatasetDict:
-    from evals.ifeval_prompts import prompts
+    from forgetting.evals.ifeval_prompts import prompts
 
     return _test_split(prompts())
 
 
 def score_target(doc: dict, results: list[str]) -> dict:
-    from harness.builtin_task import score
+    from forgetting.harness.builtin_task import score
 
     return score(results[0], doc["response"])
 
 
 def score_target_units(doc: dict, results: list[str]) -> dict:
-    from harness.builtin_units import score
+    from forgetting.harness.builtin_units import score
 
     return score(results[0], doc["response"])
 
 
 def score_target_dates(doc: dict, results: list[str]) -> dict:
-    from harness.builtin_dates import score
+    from forgetting.harness.builtin_dates import score
 
     return score(results[0], doc["response"])
 
 
 def score_target_sentiment(doc: dict, results: list[str]) -> dict:
-    from harness.builtin_sentiment import score
+    from forgetting.harness.builtin_sentiment import score
 
     return score(results[0], doc["response"])
 
 
 def score_ifeval(doc: dict, results: list[str]) -> dict:
-    from evals.nltk_offline import ensure_punkt_tab
+    from forgetting.evals.nltk_offline import ensure_punkt_tab
 
     ensure_punkt_tab()
     from lm_eval.tasks.ifeval.utils import process_results
@@ -111,7 +111,7 @@ TEMPLATE_MARKERS = (
 
 
 def load_format_health(**kwargs) -> datasets.DatasetDict:
-    from evals.ifeval_prompts import TASKS, TOPICS
+    from forgetting.evals.ifeval_prompts import TASKS, TOPICS
 
     rows = [{"prompt": FOREIGN_FORMAT.format(task.format(topic))} for task in TASKS for topic in TOPICS[:10]]
     return _test_split(rows)

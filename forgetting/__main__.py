@@ -1,0 +1,5 @@
+"""`python -m forgetting` is the `forgetting` command."""
+
+from forgetting.harness.cli import entry
+
+entry()
