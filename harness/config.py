@@ -12,6 +12,7 @@ from typing import ClassVar, Literal, Optional
 from forgetting.harness.configlib import knob
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+TRACKERS = ("wandb", "mlflow", "trackio", "tensorboard")  # train.log_with: accelerate's trackers we test offline
 
 
 @dataclass
@@ -140,7 +141,12 @@ class TrainConfig:
         True, "refuse a run before any work when `forgetting plan` estimates more memory than a process has"
     )
     log_every: int = knob(1, "write a metrics line every N steps")
-    tensorboard: bool = knob(False, "also log metrics to output_dir/tensorboard (needs the tensorboard package)")
+    log_with: list[str] = knob(
+        [],
+        "experiment trackers, any of wandb, mlflow, trackio, tensorboard (each its own extra, e.g. "
+        "pip install 'sft-forgetting[wandb]'): config, step metrics and held-out loss of every run",
+    )
+    tracker_project: str = knob("sft-forgetting", "the trackers' project (W&B and trackio project, MLflow experiment)")
     save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = knob(1, "intermediate checkpoints to keep (the final one is always kept)")
     progress: bool = knob(True, "show a progress bar")
@@ -170,6 +176,10 @@ class TrainConfig:
             raise ValueError(f"train.adam_betas: expected two numbers in [0, 1), got {self.adam_betas}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"train.grad_clip: must be > 0 or null, got {self.grad_clip}")
+        for name in self.log_with:
+            if name not in TRACKERS or self.log_with.count(name) > 1:
+                problem = "is listed twice" if name in TRACKERS else "is not a tracker"
+                raise ValueError(f"train.log_with: {name!r} {problem}; choose from {', '.join(TRACKERS)}")
         for name in ("log_every",):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be at least 1")
@@ -182,3 +192,14 @@ class TrainConfig:
             raise ValueError("train.compile is not supported with train.distributed=fsdp; set train.compile=false")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("train.save_every and train.keep_checkpoints: must be >= 0")
+
+
+def upgrade_train(train: object) -> object:
+    """A `train` section saved by an older version, as today's: `tensorboard: true` became `log_with: [tensorboard]`
+    (a run directory saved with it must still resume and report)."""
+    if not isinstance(train, dict) or "tensorboard" not in train:
+        return train
+    train = dict(train)
+    if train.pop("tensorboard") is True and "log_with" not in train:
+        train["log_with"] = ["tensorboard"]
+    return train

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from forgetting.evals.runner import EvalSettings
-from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig
+from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig, upgrade_train
 from forgetting.harness.configlib import apply_overrides, from_dict, knob, load_config, read_yaml, set_key, to_dict
 from forgetting.harness.errors import UserError
 from forgetting.harness.job import TrainJob
@@ -375,7 +375,16 @@ def upgrade_experiment(data: dict, rename_axes: bool = False) -> dict:
     mitigations respelled as today's; it still resumes and reports. Sweep axes keep their saved names, which name
     the saved units (`unit_job` puts a moved knob's values where the knob lives today), unless `rename_axes`: the
     view that compares a saved experiment with today's spelling of it."""
-    if not isinstance(data, dict) or not isinstance(data.get("strategies"), list):
+    if not isinstance(data, dict):
+        return data
+    if "train" in data:
+        data = dict(data, train=upgrade_train(data["train"]))
+    if isinstance(data.get("stages"), list):
+        stages = [
+            dict(s, train=upgrade_train(s.get("train", {}))) if isinstance(s, dict) else s for s in data["stages"]
+        ]
+        data = dict(data, stages=stages)
+    if not isinstance(data.get("strategies"), list):
         return data
     strategies = []
     for strategy in data["strategies"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig
+from forgetting.harness.config import DataConfig, ModelConfig, TrainConfig, upgrade_train
 from forgetting.harness.configlib import from_dict, knob, load_config, to_dict
 from forgetting.harness.errors import HarnessError
 from forgetting.mitigations import upgrade_specs, validate_specs
@@ -33,19 +33,24 @@ def load_job(path: str | None, overrides: list[str] = ()) -> TrainJob:
 
 
 def upgrade_job(config: dict) -> dict:
-    """A job config saved by an older version, with its mitigations respelled as today's (see `upgrade_specs`)."""
-    if not isinstance(config, dict) or "mitigations" not in config:
+    """A job config saved by an older version, with its mitigations and train keys respelled as today's (see
+    `upgrade_specs`, `upgrade_train`)."""
+    if not isinstance(config, dict):
+        return config
+    if "train" in config:
+        config = dict(config, train=upgrade_train(config["train"]))
+    if "mitigations" not in config:
         return config
     return dict(config, mitigations=upgrade_specs(config["mitigations"]))
 
 
-RESULT_FREE_TRAIN_KEYS = ("progress", "memory_check")
+RESULT_FREE_TRAIN_KEYS = ("progress", "memory_check", "log_with", "tracker_project")  # trackers only watch
 RESULT_FREE_KEYS = ("resources",)  # an experiment's: what each unit asks a launcher for
 
 
 def comparable(config: dict, cls: type = TrainJob) -> dict:
     """`config` as `cls` resolves it today, without the knobs that do not change results (the progress bar, the
-    memory check, the resources a launcher asks for).
+    memory check, the experiment trackers, the resources a launcher asks for).
 
     Resolving first gives knobs added since a run was saved their defaults, so an older run still resumes; a
     saved config that no longer resolves (a removed knob) is compared as saved, and so differs.

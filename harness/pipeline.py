@@ -14,6 +14,8 @@ Layout of the run directory (`experiment.output_dir`):
     units/<id>/curve.jsonl with eval.every: the unit evaluated during its training, one line per step (evals/curve.py)
     units/<id>/log.txt     everything the unit printed
     results.{csv,parquet,json}, examples.parquet, reports/   written by `reports.writer.write_reports`
+    tracking.json, tensorboard/, wandb/   with `train.log_with` (harness/tracking.py): the MLflow parent run's id,
+                           TensorBoard's runs (one per unit, and the report's), W&B's files
     units/<id>/train/final/README.md (and one in each model inside final/)   the model card (harness/card.py),
                            written at the end of training, refreshed with the report's rows (reports/cards.py)
 A rerun resumes: finished units are skipped, an interrupted unit continues from its last checkpoint,
@@ -36,6 +38,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import pandas as pd
 import torch
 from filelock import FileLock
 
@@ -61,6 +64,7 @@ from forgetting.harness.processes import Team
 from forgetting.harness.progress import ExperimentProgress, Plan
 from forgetting.harness.records import Progress as RecordProgress
 from forgetting.harness.records import Records
+from forgetting.harness.tracking import Place, Trackers, check_installed, log_report, mlflow_parent
 from forgetting.harness.train import train
 from forgetting.mitigations.wise_ft import WiseFTConfig
 from forgetting.reports.cards import write_unit_cards
@@ -244,7 +248,8 @@ def run_unit(
     if progress is not None:
         progress.training(unit.id, label)
     on_step = _step_reporter(records, unit.id, progress, 0, None)
-    result = train(unit.job, on_step=on_step, eval_points=unit_curve(exp, unit_dir))
+    with unit_trackers(exp, unit, run_dir) as trackers:
+        result = train(unit.job, on_step=on_step, eval_points=unit_curve(exp, unit_dir), trackers=trackers)
     trained = time.perf_counter()
     final = result.final_dir
     is_adapter = (final / "adapter_config.json").is_file() and not (final / "config.json").is_file()
@@ -305,13 +310,26 @@ def run_sequence(
 ) -> dict:
     """Train a unit's stages in order, each from the previous stage's weights, and evaluate the model after each
     (every stage's target task and the suite); a stage with its evaluation written is done (resume skips it)."""
+    with unit_trackers(exp, unit, run_dir) as trackers:  # one run per tracker for the whole sequence
+        return _run_stages(exp, unit, run_dir, records, progress, label, trackers)
+
+
+def _run_stages(
+    exp: Experiment,
+    unit: Unit,
+    run_dir: Path,
+    records: Records,
+    progress: ExperimentProgress | None,
+    label: str,
+    trackers: Trackers,
+) -> dict:
     unit_dir = run_dir / "units" / unit.id
     started, trained, steps, heldout = time.perf_counter(), 0.0, 0, {}
     total = sum(job.train.max_steps or 0 for job in unit.stage_jobs) or None  # None: epoch-based, learned later
     for k, (stage, job) in enumerate(zip(exp.stage_list, unit.stage_jobs)):
         where, name = stage_dir(unit_dir, k, stage), f"{label} stage {k + 1}/{len(unit.stage_jobs)} ({stage.name})"
         records.update(unit.id, stage=k + 1, stages=len(unit.stage_jobs), stage_name=stage.name)
-        offset = sum(j.train.max_steps or 0 for j in unit.stage_jobs[:k])  # the unit's steps before this stage
+        offset = trackers.offset = sum(j.train.max_steps or 0 for j in unit.stage_jobs[:k])  # the unit's steps so far
         if (where / "eval.json").is_file():
             continue
         write_replay_buffer(job, unit.stage_jobs[:k], where / REPLAY_BUFFER)
@@ -319,7 +337,8 @@ def run_sequence(
             progress.training(unit.id, name)
         before = time.perf_counter()
         curve = unit_curve(exp, where)  # this stage's points, joined into the unit's curve below
-        result = train(job, on_step=_step_reporter(records, unit.id, progress, offset, total), eval_points=curve)
+        on_step = _step_reporter(records, unit.id, progress, offset, total)
+        result = train(job, on_step=on_step, eval_points=curve, trackers=trackers)
         trained += time.perf_counter() - before
         if curve is not None:
             join_stage_curves(unit_dir, exp, unit)
@@ -359,6 +378,16 @@ def join_stage_curves(unit_dir: Path, exp: Experiment, unit: Unit) -> None:
         points += [p | joined | {"step": offset + p["step"]} for p in stage_points if k == 0 or p["step"] > 0]
         offset += job.train.max_steps or max((p["step"] for p in stage_points), default=0)
     atomic_write_text(unit_dir / CURVE_FILE, "".join(json.dumps(p, default=str) + "\n" for p in points))
+
+
+def unit_trackers(exp: Experiment, unit: Unit, run_dir: Path) -> Trackers:
+    """The unit's runs in its trackers (`train.log_with`), in the experiment's group; not started yet."""
+    t = unit.job.train
+    parent = mlflow_parent(run_dir, t.tracker_project, exp.name) if "mlflow" in t.log_with else None
+    place = Place(unit.id, exp.name, run_dir, run_dir / "tensorboard" / unit.id, mlflow_parent=parent)
+    jobs = {stage.name: to_dict(job) for stage, job in zip(exp.stage_list, unit.stage_jobs)}
+    config = {"stages": jobs} if jobs else to_dict(unit.job)
+    return Trackers(t.log_with, t.tracker_project, place, config | {"unit": unit.id, "strategy": unit.strategy})
 
 
 def _step_reporter(records: Records, key: str, progress, offset: int, unit_total: int | None):
@@ -534,7 +563,31 @@ def finish_run(run_dir: Path, records: Records, keys: list[str]) -> Path | None:
             flush=True,
         )
         return None
-    return report_run(run_dir, keys)
+    written = report_run(run_dir, keys)
+    report_to_trackers(run_dir)
+    return written
+
+
+def report_to_trackers(run_dir: Path) -> None:
+    """The experiment's report run in the trackers its experiment.yaml names (`train.log_with`), in the units'
+    group (MLflow: their parent run): the strategies' headline numbers, the forgetting table, results.csv, the
+    markdown and HTML reports and the plots."""
+    exp = load_saved_experiment(run_dir / EXPERIMENT_FILE)
+    t = exp.train
+    if not t.log_with:
+        return
+    parent = mlflow_parent(run_dir, t.tracker_project, exp.name) if "mlflow" in t.log_with else None
+    place = Place("report", exp.name, run_dir, run_dir / "tensorboard" / "report", mlflow_parent=parent)
+    reports = run_dir / "reports"
+    table = pd.DataFrame(json.loads((reports / "summary.json").read_text())["strategies"])
+    files = [
+        run_dir / "results.csv",
+        reports / "forgetting.md",
+        reports / "report.html",
+        *sorted(reports.glob("*.png")),
+    ]
+    with Trackers(t.log_with, t.tracker_project, place, to_dict(exp)) as trackers:
+        log_report(trackers, table, files)
 
 
 def status_table(run_dir: Path) -> str:
@@ -603,4 +656,6 @@ def _preflight(exp: Experiment, unit_list: list[Unit]) -> dict:
             f"target_task: {exp.target_task!r} is not one of the evaluated tasks ({', '.join(leaves)}); "
             f"add it to eval.tasks or set target_task: null"
         )
+    jobs = [job for unit in unit_list for job in unit.stage_jobs or (unit.job,)]
+    check_installed(sorted({name for job in jobs for name in job.train.log_with}))  # before anything is written
     return data_hashes(unit_list)  # loads (and so validates) every dataset

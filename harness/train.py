@@ -9,7 +9,7 @@
         for step in range(start, total):
             numbers = train_step(run, step)   micro-batches -> summed response loss / step's target tokens
                                               (+ penalties) -> backward -> penalty_grad -> clip -> AdamW -> LR
-            log(step, numbers)                `StepLog`: metrics.jsonl, tensorboard, progress bar, on_step
+            log(step, numbers)                `StepLog`: metrics.jsonl, the trackers, progress bar, on_step
             evaluate_at(run, step + 1, ...)   a forgetting curve's point, if `eval_points` asks for this step
             maybe_checkpoint(run, step)
     finish(run) -> TrainResult          mitigations' reports, held-out loss after, final checkpoint + summary
@@ -30,7 +30,6 @@ through the hooks in `mitigations/registry.py`, every hook called through its di
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -41,7 +40,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +67,7 @@ from forgetting.harness.plan import check_fits
 from forgetting.harness.precision import resolve_precision
 from forgetting.harness.processes import accelerator_present, adopt_slurm_tasks
 from forgetting.harness.sharding import compute_dtype, full, is_sharded, shard_model
+from forgetting.harness.tracking import Place, Trackers, check_installed
 from forgetting.mitigations import build_mitigations, chain, hook_results
 
 
@@ -225,7 +225,13 @@ class EvalPoints(Protocol):
     def __call__(self, step: int, model, tokenizer, heldout_loss: float | None) -> None: ...
 
 
-def train(job: TrainJob, accelerator=None, on_step=None, eval_points: EvalPoints | None = None) -> TrainResult:
+def train(
+    job: TrainJob,
+    accelerator=None,
+    on_step=None,
+    eval_points: EvalPoints | None = None,
+    trackers: Trackers | None = None,
+) -> TrainResult:
     """Fine-tune `job.model` on `job.data` with `job.mitigations`; resume from `job.output_dir` if possible.
 
     `on_step(done, total, loss)` is called on the main process after each optimizer step (progress display).
@@ -234,28 +240,45 @@ def train(job: TrainJob, accelerator=None, on_step=None, eval_points: EvalPoints
     scratch, with the unwrapped model in eval mode and the held-out loss there (None without a held-out split);
     the training is bitwise the same as without it (module docstring). A finished run calls neither.
 
+    `trackers` (an experiment's unit: its runs, started here and finished by the caller): where the config, the
+    metrics.jsonl records and the held-out losses are logged too; without them a job with `train.log_with` opens
+    its own runs, named after its output directory, and finishes them however training ends.
+
     Without an `accelerator` the job makes its own, and leaves none of its settings behind: accelerate keeps
     process-wide state (the mixed precision) that would otherwise refuse the next job's or leak into it
     (an experiment trains its units one after another in one process). The process group, if any, is kept.
     """
     if accelerator is not None:
-        return _train(job, accelerator, on_step, eval_points)
+        return _train(job, accelerator, on_step, eval_points, trackers)
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
-        return _train(job, make_accelerator(job), on_step, eval_points)
+        return _train(job, make_accelerator(job), on_step, eval_points, trackers)
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _train(job: TrainJob, accelerator, on_step=None, eval_points: EvalPoints | None = None) -> TrainResult:
-    if job.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+def _train(job: TrainJob, accelerator, on_step, eval_points: EvalPoints | None, trackers) -> TrainResult:
+    check_installed(job.train.log_with)
     if finished_run(job, Path(job.output_dir)):
         return _finished_result(Path(job.output_dir), accelerator.is_main_process)
-    run = setup(job, accelerator)
-    resume(run)
-    train_loop(run, on_step, eval_points)
-    return finish(run)
+    own = trackers is None  # else the caller's (an experiment's unit), which it finishes
+    if own:
+        trackers = job_trackers(job) if accelerator.is_main_process else Trackers()
+    # finished however training ends (as failed on an error): a run left open shows as running for ever
+    with trackers if own else nullcontext():
+        run = setup(job, accelerator)
+        run.trackers = trackers
+        trackers.start()
+        resume(run)
+        train_loop(run, on_step, eval_points)
+        return finish(run)
+
+
+def job_trackers(job: TrainJob) -> Trackers:
+    """A plain job's runs: named after its output directory, TensorBoard's in <output_dir>/tensorboard."""
+    out = Path(job.output_dir)
+    place = Place(name=out.resolve().name, group=None, root=out, tensorboard_dir=out / "tensorboard")
+    return Trackers(job.train.log_with, job.train.tracker_project, place, to_dict(job))
 
 
 @dataclass
@@ -283,6 +306,7 @@ class Run:
     last: StepNumbers | None = None  # the latest step's numbers
     heldout_at_start: float | None = None  # the held-out loss before the first step (a run from scratch)
     eval_steps: frozenset[int] = frozenset()  # the steps evaluated after (eval_points; main process)
+    trackers: Trackers = field(default_factory=Trackers)  # the experiment trackers' runs (main process)
 
     @property
     def start(self) -> int:
@@ -455,6 +479,9 @@ def resume(run: Run) -> None:
     if loss is not None:
         keep = [json.dumps({"step": 0, "heldout_loss": loss})]
     atomic_write_text(run.metrics_path, "".join(line + "\n" for line in keep))
+    for line in keep:  # the runs get what metrics.jsonl holds (a resumed run: its earlier steps too)
+        record = json.loads(line)
+        run.trackers.log(_tracked(record), record["step"])
 
 
 # ---- the loop
@@ -609,13 +636,12 @@ def _check_packed_attention(run: Run) -> None:
 
 
 class StepLog:
-    """Where a finished step's numbers go: metrics.jsonl and tensorboard every `train.log_every` steps and at
+    """Where a finished step's numbers go: metrics.jsonl and the trackers every `train.log_every` steps and at
     the last, the progress bar and `on_step` at every step (main process)."""
 
     def __init__(self, run: Run, on_step=None):
         self.run, self.on_step = run, on_step
         self.progress = _progress_bar(run.job, run.is_main, run.start, len(run.steps))
-        self.board = _tensorboard(run.output_dir) if run.is_main and run.job.train.tensorboard else None
 
     def __call__(self, step: int, numbers: StepNumbers) -> None:
         done, total = step + 1, len(self.run.steps)
@@ -642,14 +668,10 @@ class StepLog:
         }
         with open(self.run.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if self.board is not None and key != "step":
-                self.board.add_scalar(f"train/{key}", value, done)
+        self.run.trackers.log(_tracked(record), done)
 
     def close(self) -> None:
         self.progress.close()
-        if self.board is not None:
-            self.board.close()
 
 
 class StopRequests:
@@ -767,7 +789,13 @@ def _heldout_losses(run: Run) -> dict | None:
     if not run.is_main:
         return None
     before = json.loads(run.metrics_path.read_text().splitlines()[0])["heldout_loss"]
+    run.trackers.log({"eval/heldout_loss": after}, len(run.steps))
     return {"before": before, "after": after, "examples": len(run.heldout), "split": run.job.data.eval_split}
+
+
+def _tracked(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as the trackers get it: `train/<key>`, and the held-out loss as `eval/heldout_loss`."""
+    return {f"eval/{k}" if k == "heldout_loss" else f"train/{k}": v for k, v in record.items() if k != "step"}
 
 
 def _finished_result(output_dir: Path, is_main: bool) -> TrainResult:
@@ -797,12 +825,6 @@ def heldout_loss(accelerator, model, examples: list[Example], tokenizer, t) -> f
         value = mean_response_loss(unwrapped, examples, tokenizer.pad_token_id, t.micro_batch_tokens)
     unwrapped.train()
     return value
-
-
-def _tensorboard(output_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(output_dir / "tensorboard"))
 
 
 def _progress_bar(job: TrainJob, is_main: bool, start: int, total: int):

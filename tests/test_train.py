@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from forgetting.harness import tracking
 from forgetting.harness import train as train_module
 from forgetting.harness.configlib import knob
 from forgetting.harness.errors import RunError, UserError
@@ -201,15 +202,16 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
         )
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+def test_a_tracker_without_its_package_is_a_clear_error_before_training(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        train_module.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+        tracking.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
     )
-    with pytest.raises(UserError, match=r"train\.tensorboard: the tensorboard package is not installed"):
-        train(job(tmp_path, "train.tensorboard=true"))
+    message = r"^train\.log_with: tensorboard is not installed \(pip install 'sft-forgetting\[tensorboard\]'\)$"
+    with pytest.raises(UserError, match=message):
+        train(job(tmp_path, "train.log_with=[tensorboard]"))
     assert not (tmp_path / "run").exists()
 
 
