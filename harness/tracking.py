@@ -212,7 +212,12 @@ def _wandb_report(run, table: pd.DataFrame, files: list[Path]) -> None:
 def _mlflow_report(run, table: pd.DataFrame, files: list[Path]) -> None:
     import mlflow
 
-    mlflow.log_table(table, artifact_file="forgetting_table.json", run_id=run.tracker.info.run_id)
+    run_id, name = run.tracker.info.run_id, "forgetting_table.json"
+    if any(a.path == name for a in mlflow.MlflowClient().list_artifacts(run_id)):  # a rerun's report
+        split = table.to_dict(orient="split")  # log_table's format; log_table itself would append the rows
+        mlflow.log_dict({"columns": split["columns"], "data": split["data"]}, name, run_id=run_id)
+    else:
+        mlflow.log_table(table, artifact_file=name, run_id=run_id)
     for path in files:
         mlflow.log_artifact(str(path), artifact_path="report", run_id=run.tracker.info.run_id)
 

@@ -25,7 +25,7 @@ from forgetting.harness.configlib import from_dict, to_dict
 from forgetting.harness.errors import UserError
 from forgetting.harness.experiment import Experiment, load_experiment, units, upgrade_experiment
 from forgetting.harness.job import TrainJob, load_job, upgrade_job
-from forgetting.harness.tracking import Place, Trackers, flat
+from forgetting.harness.tracking import Place, Trackers, flat, log_report, mlflow_parent
 from forgetting.harness.train import train
 from tests.helpers import tiny_job, write
 
@@ -482,3 +482,20 @@ def test_an_interrupted_job_finishes_its_runs_and_the_resumed_run_has_every_step
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
     history = client.get_metric_history(runs[1].info.run_id, "train/loss")
     assert same_series([(m.step, m.value) for m in history], [(r["step"], r["loss"]) for r in records])
+
+
+def test_a_second_report_replaces_the_mlflow_table(tmp_path, mlflow_template, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    project = go_offline(tmp_path / "trackers", monkeypatch, mlflow_template)
+    parent = mlflow_parent(tmp_path, project, "exp")
+    csv = write(tmp_path, "results.csv", "a,b\n1,2\n")
+    place = Place("report", "exp", tmp_path, tmp_path / "tensorboard" / "report", mlflow_parent=parent)
+    for rows in ([{"strategy": "naive", "forgetting": 0.5}], [{"strategy": "naive", "forgetting": 0.25}]):
+        with Trackers(["mlflow"], project, place, {"name": "exp"}) as trackers:
+            log_report(trackers, pd.DataFrame(rows), [csv])
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(project).experiment_id
+    table = client.load_table(experiment_id, "forgetting_table.json", run_ids=[parent])
+    pd.testing.assert_frame_equal(table, pd.DataFrame([{"strategy": "naive", "forgetting": 0.25}]))
+    assert client.get_run(parent).data.metrics["results/naive/forgetting"] == 0.25
