@@ -150,6 +150,9 @@ class TrainConfig:
     save_every: int = knob(0, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = knob(1, "intermediate checkpoints to keep (the final one is always kept)")
     progress: bool = knob(True, "show a progress bar")
+    replaced_keys: ClassVar[dict[str, str]] = {  # a saved config's are upgraded (upgrade_train)
+        "tensorboard": "log_with: [tensorboard] (the experiment trackers: wandb, mlflow, trackio, tensorboard)"
+    }
     refused_values: ClassVar[dict[tuple[str, str], str]] = {
         ("distributed", "deepspeed"): "use fsdp (PyTorch FSDP2 shards parameters, gradients and optimizer state "
         "as ZeRO-3 does; one sharding engine, with every mitigation)",

@@ -9,7 +9,8 @@ dataclass's `__post_init__` and raise `ValueError`; they are reported with the s
 A mapping given for a nested dataclass field changes only the keys it names; the others keep that field's
 default (which may differ from the nested class's own defaults). A dataclass lists keys it no longer has in
 a `moved_keys` class attribute (old key -> new dotted key), and the scalar an older spelling gave where it
-now takes a mapping in `scalar_key`: both are refused with the new spelling in the message.
+now takes a mapping in `scalar_key`: both are refused with the new spelling in the message, as are the keys in
+`replaced_keys` (old key -> what to write instead: a key whose values changed too).
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
         if key not in names:
             if key in moved:
                 raise UserError(f"{where}: moved to {moved[key]}; write {_spelled(moved[key], value)}")
+            if key in getattr(cls, "replaced_keys", {}):
+                raise UserError(f"{where}: replaced; write {cls.replaced_keys[key]}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise UserError(f"{where}: unknown key{hint}")

@@ -400,6 +400,8 @@ def test_an_unknown_tracker_is_refused_with_the_valid_ones(tmp_path):
 
 
 def test_configs_saved_with_train_tensorboard_still_load_and_resume(tmp_path, capsys):
+    with pytest.raises(UserError, match=r"^train\.tensorboard: replaced; write log_with: \[tensorboard\] \("):
+        load_job(None, ["train.tensorboard=true"])  # written today: refused with the new spelling
     old_job = {"train": {"max_steps": 2, "tensorboard": True}, "output_dir": "x"}
     assert from_dict(TrainJob, upgrade_job(old_job)).train.log_with == ["tensorboard"]
     assert from_dict(TrainJob, upgrade_job({"train": {"tensorboard": False}})).train.log_with == []
