@@ -63,6 +63,17 @@ def kl_base_current(base_logits: torch.Tensor, current_logits: torch.Tensor) -> 
     )
 
 
+def own_forwards(copied: torch.nn.Module) -> torch.nn.Module:
+    """`copied` with every module's instance-level `forward` removed, so each runs its class's forward.
+
+    A forward set on an instance can close over the module it was set on (TRL's SFTTrainer replaces the model's
+    forward by one that calls the original model's), and a deep copy keeps that reference: the frozen base would
+    run the live model, its KL 0 whatever the training does."""
+    for module in copied.modules():
+        module.__dict__.pop("forward", None)
+    return copied
+
+
 @register_mitigation("kl_to_base", KLToBaseConfig)
 class KLToBase:
     def __init__(self, config: KLToBaseConfig):
@@ -82,7 +93,7 @@ class KLToBase:
     @staticmethod
     def _frozen_base(model, ctx):
         if not is_sharded(model):
-            return copy.deepcopy(model).eval().requires_grad_(False)
+            return own_forwards(copy.deepcopy(model)).eval().requires_grad_(False)
         load = load_model if ctx.accelerator.is_main_process else empty_model  # the main process broadcasts
         base = load(ctx.job.model, vocab_size=len(ctx.tokenizer))
         base.config.use_cache = False

@@ -220,6 +220,29 @@ def test_kl_to_base_matches_the_definition():
     assert kl_base_current(base, base).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_kl_to_base_frozen_base_runs_its_own_forward_not_the_live_model_s(tokenizer, make_tiny, tmp_path):
+    """TRL's SFTTrainer sets `model.forward` on the instance, calling the original model's forward; a deep copy
+    keeps that call, so a base copied as it is would follow the live model (KL 0 however far training goes)."""
+    from types import MethodType, SimpleNamespace
+
+    from forgetting.mitigations.kl_to_base import KLToBase, KLToBaseConfig
+
+    model = make_tiny()
+    original = model.forward
+    model.forward = MethodType(lambda self, *args, **kwargs: original(*args, **kwargs), model)
+    config = KLToBaseConfig(strength=1.0, data=GeneralData(source=str(write_general_text(tmp_path))), batch_size=2)
+    kl = KLToBase(config)
+    kl.prepare(model, SimpleNamespace(tokenizer=tokenizer, output_dir=tmp_path, start_step=0))
+    assert "forward" in model.__dict__ and "forward" not in kl.base.__dict__  # the live model keeps its own
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([kl.pool[0].input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(kl.base(input_ids=ids).logits, make_tiny()(input_ids=ids).logits)
+    assert kl.penalty(model, SimpleNamespace(tokenizer=tokenizer)).item() > 1e-4
+
+
 def test_replay_quota_is_met_and_deterministic():
     pool = [Example([1] * n, [1] * n) for n in (5, 10, 20, 40)]
     sft = [Example([2] * 10, [2] * 10) for _ in range(90)]
