@@ -41,7 +41,8 @@ def _parquet(table: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def _ranking_view(summary: pd.DataFrame) -> pd.DataFrame:
+def ranking_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """The Ranking table (strategy_table's final variants) as display strings."""
     finals = summary[summary["variant"] == "final"].sort_values("rank")
     return pd.DataFrame(
         {
@@ -59,7 +60,8 @@ def _ranking_view(summary: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _benchmark_view(benchmarks: pd.DataFrame) -> pd.DataFrame:
+def benchmark_view(benchmarks: pd.DataFrame) -> pd.DataFrame:
+    """The Per benchmark table (benchmark_table's final variants) as display strings."""
     rows = benchmarks[benchmarks["variant"] == "final"]
 
     def col(name: str) -> pd.Series:
@@ -213,7 +215,7 @@ def _forgetting_sections(
             + " Target gain: the target metric's change in its good direction (a − b, or b − a when lower is "
             "better), seeds averaged. Ranked by least forgetting, then by larger target gain. Pareto: no other "
             "strategy has less or equal forgetting and greater or equal target gain, one of them strictly.",
-            _ranking_view(summary) if not summary.empty else None,
+            ranking_view(summary) if not summary.empty else None,
             "pareto.png",
         ),
         Section(
@@ -225,7 +227,7 @@ def _forgetting_sections(
             "'forgot' is the share of examples with a good base outcome (correct; for a failure rate such as "
             "leak rate, no failure) that are now bad, 'learned' the share of bad base outcomes now good "
             "(mean over seeds).",
-            _benchmark_view(benchmarks) if not benchmarks.empty else None,
+            benchmark_view(benchmarks) if not benchmarks.empty else None,
             "deltas.png",
         ),
         Section("WiSE-FT interpolations", "Weights base + alpha (tuned - base).", _wise_view(summary))
