@@ -8,7 +8,8 @@ Every model of a finished unit (final/ and each WiSE-FT point) gets in its card 
                   intervals, and the evaluation settings (lm-eval tasks, limit, subsample, dtype)
 The strategy rows are the report's own (mean over the strategy's seeds), read back from reports/summary.json; the
 scores are this model's (results.parquet). Written by harness.pipeline.report_run after the report, under its lock.
-Continual-SFT units (stages) keep the cards written at the end of each stage's training.
+A continual-SFT unit's rows (the end of its sequence against the base) go into the cards of its last stage's
+final/; the earlier stages keep the cards written at the end of their training.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 from huggingface_hub import EvalResult
 
 from forgetting.harness.card import Evaluation, RunContext, write_cards
-from forgetting.harness.experiment import load_saved_experiment
+from forgetting.harness.experiment import load_saved_experiment, stage_dir
 from forgetting.reports.instruction import HEALTH_METRICS, IFEVAL_METRICS
 from forgetting.reports.render import interval, markdown_table, number, percent
 
@@ -34,7 +35,7 @@ def write_unit_cards(run_dir: Path) -> list[Path]:
     reports/summary.json: the report's numbers, not recomputed)."""
     run_dir = Path(run_dir)
     exp = load_saved_experiment(run_dir / "experiment.yaml")
-    if exp.stage_list or not (run_dir / "reports" / "summary.json").is_file():
+    if not (run_dir / "reports" / "summary.json").is_file():
         return []
     scores = pd.read_parquet(run_dir / "results.parquet")
     saved = json.loads((run_dir / "reports" / "summary.json").read_text())
@@ -43,7 +44,7 @@ def write_unit_cards(run_dir: Path) -> list[Path]:
     written = []
     base = scores[scores["model"] == "base"]
     for unit, rows in scores[scores["model"] == "tuned"].groupby("unit", sort=True):
-        final = run_dir / "units" / unit / "train" / "final"
+        final = final_dir(run_dir, exp, unit)
         if not (final / "forgetting_config.yaml").is_file():
             continue
         evaluations = {
@@ -52,6 +53,15 @@ def write_unit_cards(run_dir: Path) -> list[Path]:
         }
         written += write_cards(final, RunContext(run_dir, unit, exp.name), evaluations)
     return written
+
+
+def final_dir(run_dir: Path, exp, unit: str) -> Path:
+    """The unit's evaluated model: its final/, or for a sequence of stages the last stage's."""
+    unit_dir = run_dir / "units" / unit
+    if exp.stage_list:
+        last = len(exp.stage_list) - 1
+        return stage_dir(unit_dir, last, exp.stage_list[last]) / "train" / "final"
+    return unit_dir / "train" / "final"
 
 
 def eval_settings(run_dir: Path, exp) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from forgetting.harness.cli import main
@@ -128,6 +129,18 @@ def test_a_three_stage_sequence_reports_the_matrix_and_resumes_after_a_kill_betw
         # the final model is the last stage's
         final = json.loads((run / "units" / unit.id / "eval.json").read_text())
         assert final["forgetting"]["weights_fingerprint"] == evals[-1]["forgetting"]["weights_fingerprint"]
+        # the last stage's card carries the unit's rows of the report (the sequence's end against the base)
+        last, first = (ModelCard.load(Path(j.output_dir) / "final" / "README.md") for j in unit.stage_jobs[::-2])
+        own = {
+            (r.task_name, r.metric_type): r.metric_value
+            for r in last.data.eval_results
+            if "this model" in (r.metric_name or "")
+        }
+        assert own[("forgetting_target_dates", "exact_match")] == pytest.approx(
+            final["results"]["forgetting_target_dates"]["exact_match,none"]
+        )
+        assert any("after - base" in (r.metric_name or "") for r in last.data.eval_results)
+        assert not first.data.eval_results  # an earlier stage keeps its training-time card
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def launch(out, processes: int):
         f"--nproc_per_node={processes}",
         f"--master_port={free_port()}",
         "-m",
-        "harness",
+        "forgetting",
         "train",
         *ARGS,
         f"output_dir={out}",

@@ -67,13 +67,14 @@ def test_the_wheel_in_a_fresh_venv_imports_every_module_and_runs_the_command(whe
             [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
         ).strip()
     )
-    (purelib / "dependencies.pth").write_text(
-        "\n".join(dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])) + "\n"
-    )
     install = subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True
     )
     assert install.returncode == 0, install.stderr[-3000:]
+    # only now: with this environment's site-packages visible, pip would find the package there and skip it
+    (purelib / "dependencies.pth").write_text(
+        "\n".join(dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])) + "\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     imported = subprocess.run(
         [python, "-c", IMPORT_EVERYTHING], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
