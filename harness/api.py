@@ -72,7 +72,7 @@ def evaluate(
     settings = _resolve(EvalSettings, settings if settings is not None else {}, ())
     loaded, tokenizer = load_for_eval(str(model), str(adapter) if adapter is not None else None)
     results = evaluate_model(loaded, tokenizer, settings, cache_dir=cache_root() / "eval" if cache else None)
-    results["forgetting"]["model"] = {"source": str(model), "adapter": str(adapter) if adapter else None}
+    results["forgetting"]["model"] = {"source": str(model), "adapter": str(adapter) if adapter is not None else None}
     return results
 
 

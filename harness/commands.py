@@ -13,7 +13,8 @@ import torch
 import yaml
 from transformers.utils import logging as hf_logging
 
-from forgetting.evals.runner import EvalSettings, evaluate, headline, load_for_eval, refuse_overwrite, save_results
+from forgetting.evals.runner import headline, refuse_overwrite, save_results
+from forgetting.harness import api
 from forgetting.harness.configlib import describe, from_dict, read_yaml, to_dict
 from forgetting.harness.data import load_conversations, tokenize_all
 from forgetting.harness.errors import HarnessError, RunError, UserError
@@ -144,11 +145,7 @@ def cmd_eval(args) -> int:
         "apply_chat_template": not args.no_chat_template,
         "include_path": args.include_path or [],
     }
-    settings = from_dict(EvalSettings, fields)
-    model, tokenizer = load_for_eval(args.model, args.adapter)
-    cache = None if args.no_cache else cache_root() / "eval"
-    results = evaluate(model, tokenizer, settings, cache_dir=cache)
-    results["forgetting"]["model"] = {"source": args.model, "adapter": args.adapter}
+    results = api.evaluate(args.model, adapter=args.adapter, settings=fields, cache=not args.no_cache)
     save_results(results, output, overwrite=args.overwrite)
     print(f"{'task':<24} {'metric':<28} {'value':>9} {'stderr':>9}")
     for task, metric, value, stderr in headline(results):
